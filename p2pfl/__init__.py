@@ -1,0 +1,1 @@
+"""p2pfl: decentralized peer-to-peer federated learning."""

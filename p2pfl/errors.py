@@ -1,0 +1,55 @@
+"""Errors that say whose fault it was.
+
+- `ConfigError` (a `LocalProtocolError`): the user or the embedding application asked for something
+  impossible (bad config key, f too large for the degree, unknown topology). Raised before any work starts.
+- `RemoteProtocolError`: a peer sent something illegal. It carries the peer ID (when known) and a
+  `Reject` reason code that the peer counts in its metrics. It never crashes the receiving peer.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class P2PFLError(Exception):
+    """Root of every error p2pfl raises on purpose."""
+
+
+class LocalProtocolError(P2PFLError):
+    """We (the caller, the local configuration) did something wrong."""
+
+
+class ConfigError(LocalProtocolError, ValueError):
+    """A configuration value is invalid; the message names the key and the allowed values."""
+
+
+class Reject(str, enum.Enum):
+    """Why an incoming frame was refused. Values are the metric label names."""
+
+    BAD_LENGTH = "bad_length"
+    BAD_MSGPACK = "bad_msgpack"
+    BAD_HEADER = "bad_header"
+    UNKNOWN_VERSION = "unknown_version"
+    WRONG_SCHEMA = "wrong_schema"
+    WRONG_SIZE = "wrong_size"
+    NON_FINITE = "non_finite"
+    BAD_DIGEST = "bad_digest"
+    BAD_SIGNATURE = "bad_signature"
+    FORGED_SENDER = "forged_sender"
+    UNKNOWN_PEER = "unknown_peer"
+    REPLAYED = "replayed"
+    TOO_FAR_AHEAD = "too_far_ahead"
+    STALE = "stale"
+    BUFFER_FULL = "buffer_full"
+    OVERSIZE = "oversize"
+
+
+class RemoteProtocolError(P2PFLError):
+    """A remote peer sent something illegal."""
+
+    def __init__(self, reason: Reject, detail: str = "", peer: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.peer = peer
+        who = f" from {peer}" if peer else ""
+        super().__init__(f"rejected frame{who}: {reason.value}" + (f" ({detail})" if detail else ""))
