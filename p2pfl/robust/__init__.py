@@ -1,0 +1,46 @@
+"""Byzantine-robust aggregation: pure torch functions over the own vector and the received ones.
+
+Every rule is `rule(own: Tensor[d], received: Tensor[m, d], *, f, **params) -> Tensor[d]`, listed by name in
+`RULES`; `aggregate(name, ...)` also reports each input's effective weight, and `check_rule(name, degree, f,
+**params)` raises `ConfigError` at configuration time when the rule cannot run (see aggregators.py).
+"""
+
+from p2pfl.robust.aggregators import (
+    RULES,
+    Aggregation,
+    Rule,
+    aggregate,
+    bucketing,
+    bulyan,
+    centered_clip,
+    check_rule,
+    clip,
+    geometric_median,
+    krum,
+    mean,
+    median,
+    mixing,
+    multi_krum,
+    self_centered_clip,
+    trimmed_mean,
+)
+
+__all__ = [
+    "RULES",
+    "Aggregation",
+    "Rule",
+    "aggregate",
+    "bucketing",
+    "bulyan",
+    "centered_clip",
+    "check_rule",
+    "clip",
+    "geometric_median",
+    "krum",
+    "mean",
+    "median",
+    "mixing",
+    "multi_krum",
+    "self_centered_clip",
+    "trimmed_mean",
+]

@@ -1,0 +1,79 @@
+"""Simulator throughput: peer-rounds per second of the in-process engine against a bare torch loop.
+
+The bare loop does the same work with no protocol: the same per-peer SGD steps (the same
+LocalTrainer on the same shards), then X <- W @ X over the stacked parameter vectors, then a final
+evaluation. The engine adds the Peer round loop, the step state machine, the memory transport and
+the event log. overhead = bare_rate / engine_rate - 1 (target <= 0.20).
+
+    python bench/sim.py [--quick] [--peers 16 64 256] [--rounds R] [--reps 3]
+
+Prints one JSON line per peer count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+from p2pfl.learn.models import flatten, load_flat
+from p2pfl.learn.train import LocalTrainer, evaluate
+from p2pfl.sim import engine
+from p2pfl.sim import scenario as scenarios
+
+
+def bare_loop(s: scenarios.Scenario) -> float:
+    setup = engine.Setup.build(s)
+    models = [copy.deepcopy(setup.init) for _ in range(s.peers)]
+    trainers = [LocalTrainer(m, *setup.tensors(setup.shards[i]), s.train_config(),
+                             torch.Generator().manual_seed(s.seed * 100_003 + i)) for i, m in enumerate(models)]
+    W = torch.from_numpy(setup.W).float()
+    test = setup.tensors(test=True)
+    start = time.perf_counter()
+    for t in range(s.rounds):
+        for tr in trainers:
+            tr.train_round(t)
+        X = W @ torch.stack([flatten(m) for m in models])  # (n, d)
+        for m, x in zip(models, X):
+            load_flat(m, x)
+    for m in models:
+        evaluate(m, *test)
+    return s.peers * s.rounds / (time.perf_counter() - start)
+
+
+def engine_rate(s: scenarios.Scenario) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        return engine.run(s, out)["peer_rounds_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and repetitions")
+    ap.add_argument("--peers", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args()
+    reps = args.reps or (3 if args.quick else 5)
+    base = scenarios.load(None)
+    for n in args.peers:
+        rounds = args.rounds or max(3, (60 if args.quick else 240) // max(1, n // 16) // 4)
+        s = dataclasses.replace(base, peers=n, rounds=rounds, eval_every=rounds, centralized=False,
+                                partition="iid" if n > 64 else base.partition)
+        bare, eng = [], []
+        for _ in range(reps):  # interleaved, so drift in machine speed hits both sides alike
+            bare.append(bare_loop(s))
+            eng.append(engine_rate(s))
+        b, e = statistics.median(bare), statistics.median(eng)
+        print(json.dumps({"bench": "sim", "peers": n, "rounds": rounds, "reps": reps,
+                          "engine_peer_rounds_per_s": round(e, 1), "bare_peer_rounds_per_s": round(b, 1),
+                          "overhead": round(b / e - 1, 3), "target_overhead": 0.20}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The per-step gossip state machine (sans-IO).
+
+Theory of operation: a round t has Q gossip steps; each (t, q) is one exchange in which the peer
+sends its vector to every neighbour and collects theirs. `StepTracker` is fed the events of that
+exchange and answers the questions a driver needs, without any clock, socket or event loop:
+
+    tracker.begin(t, q)                  the peer entered step (t, q) and has sent its vector
+    tracker.receive(sender, t, q, value) a neighbour's vector arrived -> CURRENT | BUFFERED,
+                                         or raises RemoteProtocolError with the reason
+    tracker.complete                     every neighbour has been heard for the current step
+    tracker.finish(timed_out)            close the step -> {neighbour: value} in neighbour order
+
+Invariants: steps are totally ordered by index t*Q + q. A frame for a later step is buffered
+(at most `buffer_per_neighbor` per neighbour, at most `max_ahead_rounds` rounds ahead); a frame for an
+earlier step is dropped as STALE; a second frame from the same sender for a step it already
+covered is REPLAYED; a sender that is not a neighbour is UNKNOWN_PEER. A neighbour that misses
+`suspect_after` deadlines in a row is reported by `suspects()` so the driver can replace it.
+The driver owns time: it decides when a deadline has passed and calls finish(timed_out=True).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+from p2pfl.errors import LocalProtocolError, Reject, RemoteProtocolError
+
+V = TypeVar("V")
+
+
+class Arrival(enum.Enum):
+    CURRENT = "current"    # counts toward the step in progress
+    BUFFERED = "buffered"  # kept for a later step of ours
+
+
+class StepTracker(Generic[V]):
+    def __init__(self, neighbors: Iterable[str], *, steps_per_round: int = 1, max_ahead_rounds: int = 2,
+                 buffer_per_neighbor: int = 8, suspect_after: int = 3) -> None:
+        if steps_per_round < 1 or max_ahead_rounds < 0 or buffer_per_neighbor < 1 or suspect_after < 1:
+            raise LocalProtocolError("StepTracker limits must be positive")
+        self.steps_per_round = steps_per_round
+        self.max_ahead_steps = max(1, max_ahead_rounds) * steps_per_round
+        self.buffer_per_neighbor = buffer_per_neighbor
+        self.suspect_after = suspect_after
+        self.neighbors: list[str] = []
+        self._last_seen: dict[str, int] = {}     # highest step index received per sender
+        self._misses: Counter[str] = Counter()   # consecutive missed deadlines per neighbour
+        self._buffer: dict[int, dict[str, V]] = {}
+        self._current = -1
+        self._received: dict[str, V] = {}
+        self.set_neighbors(neighbors)
+
+    # -- configuration ---------------------------------------------------------------------------
+    def set_neighbors(self, neighbors: Iterable[str]) -> None:
+        """Replace the neighbour set (overlay change); state of kept neighbours survives."""
+        self.neighbors = sorted(set(neighbors))
+        keep = set(self.neighbors)
+        self._received = {p: v for p, v in self._received.items() if p in keep}
+        for frames in self._buffer.values():
+            for p in [p for p in frames if p not in keep]:
+                del frames[p]
+
+    def index(self, round_: int, step: int) -> int:
+        return round_ * self.steps_per_round + step
+
+    @property
+    def current(self) -> tuple[int, int]:
+        return divmod(self._current, self.steps_per_round) if self._current >= 0 else (-1, 0)
+
+    # -- events ----------------------------------------------------------------------------------
+    def begin(self, round_: int, step: int) -> None:
+        idx = self.index(round_, step)
+        if not 0 <= step < self.steps_per_round or idx <= self._current:
+            raise LocalProtocolError(f"cannot begin step ({round_}, {step}) after {self.current}")
+        self._current = idx
+        self._received = self._buffer.pop(idx, {})
+        for old in [i for i in self._buffer if i < idx]:
+            del self._buffer[old]
+
+    def receive(self, sender: str, round_: int, step: int, value: V) -> Arrival:
+        if sender not in self.neighbors:
+            raise RemoteProtocolError(Reject.UNKNOWN_PEER, "not a neighbour", sender)
+        if not 0 <= step < self.steps_per_round or round_ < 0:
+            raise RemoteProtocolError(Reject.BAD_HEADER, f"step ({round_}, {step}) out of range", sender)
+        idx = self.index(round_, step)
+        if idx <= self._last_seen.get(sender, -1):
+            raise RemoteProtocolError(Reject.REPLAYED, f"({round_}, {step}) already covered", sender)
+        if idx < self._current:
+            self._last_seen[sender] = idx
+            raise RemoteProtocolError(Reject.STALE, f"({round_}, {step}) arrived after we moved on", sender)
+        if idx - max(self._current, 0) > self.max_ahead_steps:
+            raise RemoteProtocolError(Reject.TOO_FAR_AHEAD, f"({round_}, {step}) while we are at {self.current}",
+                                      sender)
+        if idx == self._current:
+            self._last_seen[sender] = idx
+            self._received[sender] = value
+            return Arrival.CURRENT
+        held = sum(1 for frames in self._buffer.values() if sender in frames)
+        if held >= self.buffer_per_neighbor:
+            raise RemoteProtocolError(Reject.BUFFER_FULL, f"{held} frames already buffered", sender)
+        self._last_seen[sender] = idx
+        self._buffer.setdefault(idx, {})[sender] = value
+        return Arrival.BUFFERED
+
+    @property
+    def complete(self) -> bool:
+        return self._current >= 0 and len(self._received) == len(self.neighbors)
+
+    def missing(self) -> list[str]:
+        return [p for p in self.neighbors if p not in self._received]
+
+    def finish(self, timed_out: bool = False) -> dict[str, V]:
+        """Close the current step and hand over what arrived, in neighbour order."""
+        for p in self.neighbors:
+            if p in self._received:
+                self._misses[p] = 0
+            elif timed_out:
+                self._misses[p] += 1
+        out = {p: self._received[p] for p in self.neighbors if p in self._received}
+        self._received = {}
+        return out
+
+    def suspects(self) -> list[str]:
+        """Neighbours that missed `suspect_after` deadlines in a row."""
+        return [p for p in self.neighbors if self._misses[p] >= self.suspect_after]
+
+    def peer_round(self, sender: str) -> int:
+        """The latest round seen from `sender` (-1 if none): lets a late joiner catch up."""
+        return self._last_seen.get(sender, -1) // self.steps_per_round if sender in self._last_seen else -1

@@ -1,0 +1,133 @@
+"""Local training: SGD and SAM (DFedSAM's local step), and evaluation.
+
+Theory of operation: a `LocalTrainer` owns one peer's optimizer state (momentum buffers survive
+across rounds) and runs the local part of a round: K steps, or E epochs of mini-batches drawn
+from the peer's data with the peer's own torch.Generator, so a run replays exactly from its seed.
+It only touches the model's trainable parameters; frozen ones are never perturbed nor updated.
+
+SAM (Foret et al.; the local step of DFedSAM, Shi et al. 2023): for each mini-batch,
+    g = grad L(w);  eps = rho * g / ||g||_2 (one norm over all trainable parameters)
+    w <- w - lr * grad L(w + eps)       (same batch, gradient taken at the perturbed point)
+rho = 0 is plain SGD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p2pfl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 0.05
+    lr_decay: float = 1.0          # lr_t = lr * lr_decay**round (the DFedSAM paper uses 0.998)
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    local_epochs: float = 1.0      # used when local_steps is None
+    local_steps: int | None = None
+    rho: float = 0.0               # SAM radius; 0 = SGD
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lr": self.lr > 0, "lr_decay": 0 < self.lr_decay <= 1, "momentum": 0 <= self.momentum < 1,
+            "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
+            "local_epochs": self.local_epochs > 0, "rho": self.rho >= 0,
+            "local_steps": self.local_steps is None or self.local_steps >= 1,
+            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{key}: invalid value {getattr(self, key)!r}")
+
+    def steps_per_round(self, n_samples: int) -> int:
+        if self.local_steps is not None:
+            return self.local_steps
+        return max(1, math.ceil(self.local_epochs * n_samples / self.batch_size))
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float
+    steps: int
+
+
+class LocalTrainer:
+    """SGD (rho=0) or SAM (rho>0) over a peer's local tensors."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+                 generator: torch.Generator) -> None:
+        if len(x) == 0:
+            raise ConfigError("a peer needs at least one training sample")
+        self.model, self.x, self.y, self.config, self.generator = model, x, y, config, generator
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._cursor = 0
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, b = len(self.x), min(self.config.batch_size, len(self.x))
+        if self._cursor + b > len(self._order):     # new epoch: reshuffle with the peer's generator
+            self._order = torch.randperm(n, generator=self.generator)
+            self._cursor = 0
+        idx = self._order[self._cursor:self._cursor + b]
+        self._cursor += b
+        return self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)]
+
+    def _loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(xb), yb)
+
+    def train_round(self, round_: int) -> TrainStats:
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * cfg.lr_decay ** round_
+        self.model.train()
+        steps = cfg.steps_per_round(len(self.x))
+        total = 0.0
+        for _ in range(steps):
+            xb, yb = self._next_batch()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._loss(xb, yb)
+            loss.backward()
+            if cfg.rho > 0:
+                self._sam_second_pass(xb, yb)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            total += loss.item()
+        return TrainStats(loss=total / steps, steps=steps)
+
+    def _sam_second_pass(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """Replace the gradients with the gradient at w + eps, eps = rho * g / ||g||."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        scale = self.config.rho / (norm + 1e-12)
+        eps = [g * scale for g in grads]
+        with torch.no_grad():
+            for p, e in zip(self.params, eps):
+                p.add_(e)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss(xb, yb).backward()
+        with torch.no_grad():
+            for p, e in zip(self.params, eps):
+                p.sub_(e)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` on (x, y)."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i:i + batch_size])
+        loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
+        correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
+    return correct / max(1, len(x)), loss / max(1, len(x))

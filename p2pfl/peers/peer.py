@@ -1,0 +1,211 @@
+"""The Peer: one participant's round loop, the driver around the sans-IO `StepTracker`.
+
+Theory of operation: `train(rounds)` runs, for each round t, the local update (K SGD/SAM steps),
+then Q gossip steps: send (t, q, x) to every neighbour, wait until all neighbours' (t, q) vectors
+arrived or `step_timeout_s` passed, and x <- aggregate(x, received). A background task drains the
+transport into the tracker continuously, so frames are read even while the peer trains. Torch work
+runs in a worker thread (`offload=True`, the real-network default) so the trio loop keeps serving
+streams; the in-process simulator runs it inline (`offload=False`), as a thread hop costs as much as
+a small model's training step there and nothing else waits on that loop's I/O.
+
+The same class is what an application embeds:
+
+    peer = Peer(model, (x, y), config=PeerConfig(), transport=network.endpoint(identity),
+                neighbors={"12D3KooW...": None})
+    async with peer:
+        await peer.train(rounds=50)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+from torch import nn
+
+from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
+from p2pfl.gossip.codec import Frame
+from p2pfl.gossip.rounds import StepTracker
+from p2pfl.learn.models import ParamLayout, flatten, load_flat
+from p2pfl.learn.train import LocalTrainer, TrainConfig, evaluate
+from p2pfl.peers.transport import Transport
+from p2pfl.robust import RULES, aggregate, check_rule
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gossip_steps: int = 1              # Q: 1 = DFedAvg/DFedSAM, >1 = -MGS
+    aggregator: str = "mixing"         # a name in p2pfl.robust.RULES
+    aggregator_params: Mapping[str, Any] = field(default_factory=dict)
+    f: int = 0                         # Byzantine inputs the rule must tolerate
+    step_timeout_s: float = 30.0       # deadline for one gossip step, from the moment we sent
+    max_ahead_rounds: int = 2          # frames further ahead are refused (bounded buffering)
+    eval_every: int = 1                # evaluate on the test set every k rounds (and at the last)
+    seed: int = 0                      # this peer's mini-batch order
+
+    def __post_init__(self) -> None:
+        if self.gossip_steps < 1:
+            raise ConfigError(f"gossip_steps: must be >= 1, got {self.gossip_steps}")
+        if self.step_timeout_s <= 0:
+            raise ConfigError(f"step_timeout_s: must be > 0, got {self.step_timeout_s}")
+        if self.eval_every < 1:
+            raise ConfigError(f"eval_every: must be >= 1, got {self.eval_every}")
+        if self.aggregator not in RULES:
+            raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; allowed: {', '.join(sorted(RULES))}")
+        if self.f < 0:
+            raise ConfigError(f"f: must be >= 0, got {self.f}")
+
+    def replace(self, **changes: Any) -> PeerConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class Peer:
+    def __init__(self, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *, transport: Transport,
+                 neighbors: Mapping[str, float | None], config: PeerConfig | None = None,
+                 test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 on_event: Callable[[Event], None] | None = None, offload: bool = True) -> None:
+        """`neighbors` maps each neighbour's peer ID to its mixing weight W_ij (None: uniform 1/(deg+1))."""
+        self.config = config or PeerConfig()
+        self.model = model
+        self.transport = transport
+        self.id = transport.local_id
+        self.layout = ParamLayout.of(model)
+        self.schema = self.layout.schema
+        self.test_data = test_data
+        self.on_event = on_event or (lambda e: None)
+        self.offload = offload
+        gen = torch.Generator().manual_seed(self.config.seed)
+        self.trainer = LocalTrainer(model, *train_data, self.config.train, gen)
+        self.tracker: StepTracker[torch.Tensor] = StepTracker(
+            [], steps_per_round=self.config.gossip_steps, max_ahead_rounds=self.config.max_ahead_rounds)
+        self.set_neighbors(neighbors)
+        self.rejected: Counter[str] = Counter()   # reasons counted above the transport
+        self.round = 0                            # next round to run
+        self._step_done = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    def set_neighbors(self, neighbors: Mapping[str, float | None]) -> None:
+        if self.id in neighbors:
+            raise ConfigError(f"peer {self.id} lists itself as a neighbour")
+        degree = len(neighbors)
+        weights = {p: (1.0 / (degree + 1) if w is None else float(w)) for p, w in neighbors.items()}
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) > 1 + 1e-6:
+            raise ConfigError(f"mixing weights must be >= 0 and sum to at most 1, got {sorted(weights.values())}")
+        check_rule(self.config.aggregator, degree, self.config.f, **self.config.aggregator_params)
+        self.weights = weights
+        self.tracker.set_neighbors(weights)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def __aenter__(self) -> Peer:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        self._nursery.start_soon(self._receive_loop)
+        return self
+
+    async def __aexit__(self, *exc: object) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        return await self._nursery_cm.__aexit__(*exc)
+
+    def run(self, rounds: int) -> list[Event]:
+        """Blocking convenience: start, train `rounds` rounds, stop. Returns the round events."""
+        events: list[Event] = []
+        user_hook = self.on_event
+        self.on_event = lambda e: (events.append(e), user_hook(e))
+
+        async def main() -> None:
+            async with self:
+                await self.train(rounds)
+
+        trio.run(main)
+        return events
+
+    # -- the round --------------------------------------------------------------------------------
+    async def _compute(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.offload:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
+
+    async def train(self, rounds: int) -> None:
+        """Run `rounds` more rounds from `self.round`."""
+        if self._nursery is None:
+            raise RuntimeError("use `async with peer:` (or peer.run()) before train()")
+        last = self.round + rounds - 1
+        for t in range(self.round, self.round + rounds):
+            stats = await self._compute(self.trainer.train_round, t)
+            x = flatten(self.model)
+            step_events = []
+            for q in range(self.config.gossip_steps):
+                x, info = await self._gossip_step(t, q, x)
+                step_events.append(info)
+            load_flat(self.model, x)
+            event: Event = {"kind": "round", "round": t, "peer": self.id, "train_loss": stats.loss,
+                            "local_steps": stats.steps,
+                            "received": sum(s["received"] for s in step_events),
+                            "missing": sorted({m for s in step_events for m in s["missing"]}),
+                            "rejected": dict(self.rejected + self.transport.stats.rejected),
+                            "bytes_sent": self.transport.stats.bytes_sent}
+            if self.test_data is not None and (t % self.config.eval_every == 0 or t == last):
+                acc, loss = await self._compute(evaluate, self.model, *self.test_data)
+                event.update(accuracy=acc, test_loss=loss)
+            self.round = t + 1
+            self.on_event(event)
+
+    async def _gossip_step(self, t: int, q: int, x: torch.Tensor) -> tuple[torch.Tensor, Event]:
+        self._step_done = trio.Event()
+        self.tracker.begin(t, q)
+        # x is never modified in place after this point, so receivers may share its memory
+        frame = Frame(kind="model", sender=self.id, round=t, step=q, schema=self.schema, dtype="f32",
+                      payload=x.detach().cpu().numpy())
+        for nb in self.tracker.neighbors:
+            await self.transport.send(nb, frame)
+        timed_out = False
+        if not self.tracker.complete:
+            with trio.move_on_after(self.config.step_timeout_s) as scope:
+                await self._step_done.wait()
+            timed_out = scope.cancelled_caught
+        missing = self.tracker.missing()
+        received = self.tracker.finish(timed_out)
+        x = await self._compute(self._aggregate, x, received)
+        return x, {"received": len(received), "missing": missing}
+
+    def _aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if not received:
+            return own
+        cfg = self.config
+        stacked = torch.stack(list(received.values()))  # (m, d)
+        params = dict(cfg.aggregator_params)
+        if cfg.aggregator == "mixing":
+            # A missing neighbour's weight stays with us, so the row still sums to 1.
+            w_nb = [self.weights[p] for p in received]
+            params["weights"] = torch.tensor([1.0 - sum(w_nb), *w_nb], dtype=own.dtype)
+        try:
+            return aggregate(cfg.aggregator, own, stacked, f=cfg.f, **params).vector
+        except ConfigError as e:   # too few inputs arrived for the rule this step: keep our own vector
+            self.rejected["too_few_inputs"] += 1
+            log.warning("%s: round %d: %s; keeping own vector", self.id, self.tracker.current[0], e)
+            return own
+
+    async def _receive_loop(self) -> None:
+        async for sender, frame in self.transport.receive():
+            try:
+                if frame.schema != self.schema:
+                    raise RemoteProtocolError(Reject.WRONG_SCHEMA, "", sender)
+                self.tracker.receive(sender, frame.round, frame.step, frame.tensor())
+            except RemoteProtocolError as e:
+                self.rejected[e.reason.value] += 1
+                log.debug("%s: %s", self.id, e)
+                continue
+            if self.tracker.complete:
+                self._step_done.set()

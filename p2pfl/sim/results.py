@@ -1,0 +1,140 @@
+"""Run output: metrics.jsonl (one event a line), summary.json, PNG plots, and `p2pfl report`.
+
+Theory of operation: everything a plot or table shows is recomputed from metrics.jsonl, so
+`report(dir)` after a run gives the same figures the run printed. Files that matter are written
+atomically (temp file in the same folder, fsync, rename), so a killed run never leaves a half
+summary; metrics.jsonl is append-only and flushed every line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from p2pfl.errors import ConfigError
+
+
+def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+class MetricsLog:
+    """Append-only JSON-lines event log."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fh: TextIO = open(self.path, "a", encoding="utf-8")
+
+    def write(self, event: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(event, sort_keys=True) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise ConfigError(f"{run_dir}: no metrics.jsonl here; is this a run folder?")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    events = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):  # only a run killed mid-write may leave one torn last line
+                raise ConfigError(f"{path}:{n}: not a JSON line") from None
+    return events
+
+
+def accuracy_table(events: list[dict[str, Any]], honest: set[int] | None = None) -> dict[str, Any]:
+    """Per-round mean/min/max accuracy over (honest) peers, and the centralized reference curve."""
+    per_round: dict[int, list[float]] = defaultdict(list)
+    central: dict[int, float] = {}
+    distance: dict[int, float] = {}
+    for e in events:
+        if e.get("kind") == "round" and "accuracy" in e and (honest is None or e["peer"] in honest):
+            per_round[e["round"]].append(e["accuracy"])
+        elif e.get("kind") == "centralized":
+            central[e["round"]] = e["accuracy"]
+        elif e.get("kind") == "consensus":
+            distance[e["round"]] = e["distance"]
+    rounds = sorted(per_round)
+    return {
+        "rounds": rounds,
+        "mean": [float(np.mean(per_round[t])) for t in rounds],
+        "min": [float(np.min(per_round[t])) for t in rounds],
+        "max": [float(np.max(per_round[t])) for t in rounds],
+        "centralized": [central.get(t, math.nan) for t in rounds],
+        "consensus_distance": [distance.get(t, math.nan) for t in rounds],
+    }
+
+
+def plot_accuracy(table: dict[str, Any], path: str | Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = np.asarray(table["rounds"]) + 1
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    ax.fill_between(r, table["min"], table["max"], alpha=0.25, label="peers: min-max")
+    ax.plot(r, table["mean"], label="peers: mean")
+    if not all(math.isnan(c) for c in table["centralized"]):
+        ax.plot(r, table["centralized"], "--", color="black", label="centralized reference")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def report(run_dir: str | Path) -> dict[str, Any]:
+    """Recompute the final table and the plots of a finished run from its metrics.jsonl."""
+    run_dir = Path(run_dir)
+    events = read_events(run_dir)
+    start = next((e for e in events if e.get("kind") == "run"), {})
+    honest = set(start.get("honest", [])) or None
+    table = accuracy_table(events, honest)
+    if not table["rounds"]:
+        raise ConfigError(f"{run_dir}: metrics.jsonl has no evaluated rounds yet")
+    plot_accuracy(table, run_dir / "accuracy.png", start.get("name", ""))
+    return {"rounds": len(table["rounds"]), "final": {k: table[k][-1] for k in ("mean", "min", "max")},
+            "centralized": table["centralized"][-1], "table": table}

@@ -1,0 +1,143 @@
+"""Scenarios: what a simulation runs, from a TOML file, the embedded default, and CLI overrides.
+
+Theory of operation: a `Scenario` is a flat, frozen dataclass; every field is a TOML key with the
+same name. Loading is strict: an unknown key, a wrong type or a bad value raises `ConfigError`
+naming the key and the allowed values, before any work starts. Precedence: dataclass defaults <
+the embedded default file (when no file is given) or the user's file < command-line overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from p2pfl.errors import ConfigError
+from p2pfl.gossip.topology import parse_topology
+from p2pfl.learn.models import MODELS
+from p2pfl.learn.train import TrainConfig
+from p2pfl.robust import RULES
+from p2pfl.sim.partition import parse_partition
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DATASETS = ("digits", "mnist1d", "synthetic", "npz:PATH")
+ENGINES = ("inproc",)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str = "scenario"
+    peers: int = 16
+    rounds: int = 30
+    topology: str = "ring"
+    dataset: str = "digits"
+    partition: str = "dirichlet:0.5"
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (64,)
+    seed: int = 0
+    engine: str = "inproc"
+    # local training (see p2pfl.learn.train.TrainConfig)
+    lr: float = 0.2
+    lr_decay: float = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    local_epochs: float = 2.0
+    local_steps: int | None = None
+    rho: float = 0.0
+    # gossip and aggregation
+    gossip_steps: int = 1
+    aggregator: str = "mixing"
+    aggregator_params: dict[str, Any] = field(default_factory=dict)
+    f: int = 0
+    step_timeout_s: float = 30.0
+    # memory network impairments (virtual time)
+    latency_ms: float = 0.0
+    loss: float = 0.0
+    wire: bool = False          # run every frame through the real codec (signing included)
+    eval_every: int = 1
+    centralized: bool = True    # also train the centralized reference
+
+    def __post_init__(self) -> None:
+        if self.peers < 2:
+            raise ConfigError(f"peers: must be >= 2, got {self.peers}")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds: must be >= 1, got {self.rounds}")
+        parse_topology(self.topology)
+        parse_partition(self.partition)
+        if not (self.dataset in DATASETS[:3] or self.dataset.startswith("npz:")):
+            raise ConfigError(f"dataset: unknown value {self.dataset!r}; allowed: {', '.join(DATASETS)}")
+        if self.model not in MODELS:
+            raise ConfigError(f"model: unknown value {self.model!r}; allowed: {', '.join(MODELS)}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: unknown value {self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if self.aggregator not in RULES:
+            raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; allowed: {', '.join(sorted(RULES))}")
+        if self.latency_ms < 0 or not 0 <= self.loss < 1:
+            raise ConfigError("latency_ms must be >= 0 and loss in [0, 1)")
+        self.train_config()  # validates the training keys
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(lr=self.lr, lr_decay=self.lr_decay, momentum=self.momentum,
+                           weight_decay=self.weight_decay, batch_size=self.batch_size,
+                           local_epochs=self.local_epochs, local_steps=self.local_steps, rho=self.rho)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check a TOML/CLI value against the field's annotation; ints are accepted for floats."""
+    hint = typing.get_type_hints(Scenario)[key]
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    origin = typing.get_origin(base) or base
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
+        return tuple(value)
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, bool) != (origin is bool) or not isinstance(value, origin):
+        raise ConfigError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+    return value
+
+
+def build(values: dict[str, Any], source: str = "scenario") -> Scenario:
+    known = {f.name for f in dataclasses.fields(Scenario)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
+    return Scenario(**{k: _coerce(k, v, None) for k, v in values.items()})
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Scenario:
+    """The scenario in `path` (the embedded default if None), with `overrides` applied on top."""
+    if path is None:
+        text = resources.files("p2pfl.sim").joinpath("default.toml").read_text()
+        source = "default scenario"
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"scenario file {path}: {e.strerror}") from None
+        source = str(path)
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build(values, source)

@@ -1,0 +1,118 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pfl.errors import LocalProtocolError, Reject, RemoteProtocolError
+from p2pfl.gossip.rounds import Arrival, StepTracker
+
+NB = ["a", "b", "c"]
+
+
+def reason(fn) -> Reject:
+    with pytest.raises(RemoteProtocolError) as e:
+        fn()
+    return e.value.reason
+
+
+def test_step_completes_when_all_neighbours_heard():
+    tr = StepTracker(NB)
+    tr.begin(0, 0)
+    assert not tr.complete
+    assert tr.receive("b", 0, 0, 2) is Arrival.CURRENT
+    assert tr.receive("a", 0, 0, 1) is Arrival.CURRENT
+    assert tr.missing() == ["c"]
+    tr.receive("c", 0, 0, 3)
+    assert tr.complete
+    assert list(tr.finish().items()) == [("a", 1), ("b", 2), ("c", 3)]  # neighbour order, not arrival
+
+
+def test_deadline_finishes_with_what_arrived_and_counts_misses():
+    tr = StepTracker(NB, suspect_after=2)
+    for t in range(2):
+        tr.begin(t, 0)
+        tr.receive("a", t, 0, t)
+        assert tr.finish(timed_out=True) == {"a": t}
+    assert tr.suspects() == ["b", "c"]
+    tr.begin(2, 0)
+    tr.receive("b", 2, 0, 0)
+    tr.finish(timed_out=True)
+    assert tr.suspects() == ["c"]  # b answered again: its streak resets
+
+
+def test_later_frames_are_buffered_and_delivered_at_their_step():
+    tr = StepTracker(NB, steps_per_round=2)
+    tr.begin(0, 0)
+    assert tr.receive("a", 0, 1, "early") is Arrival.BUFFERED
+    assert tr.receive("a", 1, 0, "earlier still") is Arrival.BUFFERED
+    tr.finish(timed_out=True)
+    tr.begin(0, 1)
+    assert tr.missing() == ["b", "c"]
+    assert tr.finish(timed_out=True) == {"a": "early"}
+    tr.begin(1, 0)
+    assert tr.finish(timed_out=True) == {"a": "earlier still"}
+
+
+def test_rejections_have_reasons():
+    tr = StepTracker(NB, max_ahead_rounds=2, buffer_per_neighbor=2)
+    tr.begin(3, 0)
+    assert reason(lambda: tr.receive("mallory", 3, 0, 0)) is Reject.UNKNOWN_PEER
+    assert reason(lambda: tr.receive("a", 2, 0, 0)) is Reject.STALE
+    assert reason(lambda: tr.receive("b", 6, 0, 0)) is Reject.TOO_FAR_AHEAD
+    assert reason(lambda: tr.receive("b", 3, 5, 0)) is Reject.BAD_HEADER
+    tr.receive("a", 3, 0, 1)
+    assert reason(lambda: tr.receive("a", 3, 0, 1)) is Reject.REPLAYED
+    tr.receive("c", 4, 0, 1)
+    tr.receive("c", 5, 0, 1)
+    assert reason(lambda: tr.receive("c", 5, 0, 1)) is Reject.REPLAYED
+    tr2 = StepTracker(NB, max_ahead_rounds=3, buffer_per_neighbor=2)
+    tr2.begin(0, 0)
+    tr2.receive("c", 1, 0, 1)
+    tr2.receive("c", 2, 0, 1)
+    assert reason(lambda: tr2.receive("c", 3, 0, 1)) is Reject.BUFFER_FULL
+
+
+def test_cannot_go_backwards():
+    tr = StepTracker(NB)
+    tr.begin(2, 0)
+    with pytest.raises(LocalProtocolError):
+        tr.begin(1, 0)
+
+
+def test_neighbour_change_drops_removed_peer_state():
+    tr = StepTracker(NB)
+    tr.begin(0, 0)
+    tr.receive("a", 0, 0, 1)
+    tr.receive("b", 1, 0, 1)
+    tr.set_neighbors(["c", "d"])
+    assert tr.missing() == ["c", "d"]
+    tr.finish(timed_out=True)
+    tr.begin(1, 0)
+    assert tr.missing() == ["c", "d"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(NB + ["x"]), st.integers(0, 6), st.integers(0, 1)), max_size=40),
+       st.integers(0, 4))
+def test_any_interleaving_keeps_invariants(arrivals, start):
+    """Whatever arrives, in any order: no crash, each accepted value is delivered at most once and
+    only at its own step, and every refusal carries a reason."""
+    tr = StepTracker(NB, steps_per_round=2, max_ahead_rounds=1, buffer_per_neighbor=2)
+    delivered: list[tuple[str, int, int]] = []
+    accepted = set()
+    step = start * 2
+    tr.begin(*divmod(step, 2))
+    for sender, t, q in arrivals:
+        try:
+            tr.receive(sender, t, q, (sender, t, q))
+            accepted.add((sender, t, q))
+        except RemoteProtocolError as e:
+            assert isinstance(e.reason, Reject)
+        if tr.complete or len(accepted) % 3 == 0:
+            cur = divmod(step, 2)
+            got = tr.finish(timed_out=True)
+            assert all(v[1:] == cur and v[0] == k for k, v in got.items())
+            delivered += got.values()
+            step += 1
+            tr.begin(*divmod(step, 2))
+    assert len(delivered) == len(set(delivered))
+    assert set(delivered) <= accepted
