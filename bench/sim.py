@@ -29,6 +29,7 @@ from p2pfl.sim import scenario as scenarios
 
 
 def bare_loop(s: scenarios.Scenario) -> float:
+    torch.set_num_threads(1)  # as the engine does for small models
     setup = engine.Setup.build(s)
     models = [copy.deepcopy(setup.init) for _ in range(s.peers)]
     trainers = [LocalTrainer(m, *setup.tensors(setup.shards[i]), s.train_config(),

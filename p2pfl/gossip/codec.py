@@ -129,10 +129,12 @@ class Frame:
         import torch
 
         arr = self.payload.view(np.int16) if self.dtype == "bf16" else self.payload
-        with warnings.catch_warnings():
-            if not arr.flags.writeable:  # torch warns about read-only buffers; we documented it
-                warnings.simplefilter("ignore", UserWarning)
+        if arr.flags.writeable:
             t = torch.from_numpy(arr)
+        else:
+            with warnings.catch_warnings():  # torch warns about read-only buffers; we documented it
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(arr)
         return t.view(torch.bfloat16) if self.dtype == "bf16" else t
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-import math
 from collections.abc import AsyncIterator, Iterable
 
 import trio
@@ -140,13 +139,16 @@ class MemoryTransport:
                     continue
                 self.stats.frames_received += 1
                 yield sender, frame
-            timeout = pending[0][0] - trio.current_time() if pending else math.inf
-            with trio.move_on_after(timeout):
-                try:
+            try:
+                if pending:  # wait for the next arrival, or until the earliest held frame is due
+                    with trio.move_on_at(pending[0][0]):
+                        due, sender, item = await self._inbox.receive()
+                        heapq.heappush(pending, (due, next(seq), sender, item))
+                else:
                     due, sender, item = await self._inbox.receive()
-                except (trio.EndOfChannel, trio.ClosedResourceError):
-                    return
-                heapq.heappush(pending, (due, next(seq), sender, item))
+                    heapq.heappush(pending, (due, next(seq), sender, item))
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
 
     async def aclose(self) -> None:
         self._closed = True

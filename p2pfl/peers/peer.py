@@ -185,11 +185,12 @@ class Peer:
             return own
         cfg = self.config
         stacked = torch.stack(list(received.values()))  # (m, d)
-        params = dict(cfg.aggregator_params)
         if cfg.aggregator == "mixing":
-            # A missing neighbour's weight stays with us, so the row still sums to 1.
-            w_nb = [self.weights[p] for p in received]
-            params["weights"] = torch.tensor([1.0 - sum(w_nb), *w_nb], dtype=own.dtype)
+            # x_i <- W_ii x_i + sum_j W_ij x_j. A missing neighbour's weight stays with us, so the
+            # row still sums to 1. (The weights were validated once, in set_neighbors.)
+            w_nb = torch.tensor([self.weights[p] for p in received], dtype=own.dtype, device=own.device)
+            return own * (1.0 - float(w_nb.sum())) + w_nb @ stacked
+        params = dict(cfg.aggregator_params)
         try:
             return aggregate(cfg.aggregator, own, stacked, f=cfg.f, **params).vector
         except ConfigError as e:   # too few inputs arrived for the rule this step: keep our own vector

@@ -136,7 +136,7 @@ def selection(n: int, lo: int, hi: int, exact: bool) -> Network:
     wires lo - 1, lo, hi and hi + 1 (those that exist) hold exactly their order statistics. The shorter of
     bubble passes (cheap when few extremes are set aside) and Batcher pruned to the wires that are read."""
     if exact:
-        top, bottom = n - hi, (lo + 1 if lo < hi else 0)
+        top, bottom = n - hi, (lo + 1 if lo < hi else lo)
         keep = set(range(max(lo - 1, 0), min(hi + 1, n - 1) + 1))
     else:
         top, bottom = n - 1 - hi, lo
@@ -228,8 +228,9 @@ def trimmed_sum(own: Tensor, received: Tensor, lo: int, hi: int, want_weights: b
 
 def closest_to_median_sum(sources: list[Tensor], beta: int, want_weights: bool) -> tuple[Tensor, Tensor | None]:
     """Per coordinate, the sum of the `beta` values closest to the median of the given rows (Bulyan's
-    second phase). The beta nearest values to any point form a window of the sorted column; it is the
-    window, among the r - beta + 1 candidates, whose farther end is nearest (ties: the lowest window).
+    second phase). The beta nearest values to a point form a window of the sorted column; its start is the
+    number of slides s -> s + 1 that swap in a strictly nearer value (a prefix, since distances are monotone
+    on each side), so equidistant values on both sides resolve to the lower window.
 
     Returns (sum [d], kept counts per source row [r] float64 or None).
     """
@@ -249,13 +250,10 @@ def closest_to_median_sum(sources: list[Tensor], beta: int, want_weights: bool) 
         rows = list(b[:r].unbind(0))
         _run(rows, net, b[r])
         med = rows[r // 2] if r % 2 else (rows[r // 2 - 1] + rows[r // 2]) * 0.5
-        best = torch.maximum(med - rows[0], rows[beta - 1] - med)
+        # slide the window right while the next value on the right is strictly nearer than its leftmost one
         start_slot = torch.zeros(w, dtype=torch.long, device=ref.device)
-        for s in range(1, r - beta + 1):
-            cost = torch.maximum(med - rows[s], rows[s + beta - 1] - med)
-            better = cost < best
-            best = torch.where(better, cost, best)
-            start_slot = torch.where(better, s, start_slot)
+        for s in range(r - beta):
+            start_slot += rows[s + beta] - med < med - rows[s]
         o = out[start : start + w]
         o.zero_()
         s_lo, s_hi = torch.zeros_like(rows[0]), torch.zeros_like(rows[0])

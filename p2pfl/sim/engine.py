@@ -115,6 +115,7 @@ class _RoundWatcher:
             summary.update(accuracy_mean=float(np.mean(accs)), accuracy_min=float(np.min(accs)),
                            accuracy_max=float(np.max(accs)))
         self.log.write(summary)
+        self.log.flush()
         self.rounds.append(summary)
         if self.progress:
             self.progress(t, summary)

@@ -3,7 +3,7 @@
 Theory of operation: everything a plot or table shows is recomputed from metrics.jsonl, so
 `report(dir)` after a run gives the same figures the run printed. Files that matter are written
 atomically (temp file in the same folder, fsync, rename), so a killed run never leaves a half
-summary; metrics.jsonl is append-only and flushed every line.
+summary; metrics.jsonl is append-only and flushed at the end of every round.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class MetricsLog:
 
     def write(self, event: dict[str, Any]) -> None:
         self._fh.write(json.dumps(event, sort_keys=True) + "\n")
+
+    def flush(self) -> None:
         self._fh.flush()
 
     def close(self) -> None:
