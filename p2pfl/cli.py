@@ -50,10 +50,13 @@ def _results_table(summary: dict[str, Any]) -> Table:
     t.add_row("peers' test accuracy", *(f"{acc[k]:.3f}" for k in ("mean", "min", "max")))
     if summary.get("centralized_accuracy") is not None:
         t.add_row("centralized reference", f"{summary['centralized_accuracy']:.3f}", "", "")
-    t.caption = (f"consensus distance {summary['consensus_distance']:.3g} · "
-                 f"{summary['bytes_sent'] / 1e6:.1f} MB sent · {summary['wall_s']:.1f} s · "
-                 f"{summary['peer_rounds_per_s']:.0f} peer-rounds/s · rejected {summary['rejected'] or 'none'}")
     return t
+
+
+def _run_facts(summary: dict[str, Any]) -> str:
+    return (f"consensus distance {summary['consensus_distance']:.3g} · {summary['bytes_sent'] / 1e6:.1f} MB sent · "
+            f"{summary['wall_s']:.1f} s ({summary['peer_rounds_per_s']:.0f} peer-rounds/s) · "
+            f"rejected frames: {summary['rejected'] or 'none'}")
 
 
 @app.command()
@@ -97,6 +100,7 @@ def sim(
     except ConfigError as e:
         _fail(str(e))
     console.print(_results_table(summary))
+    console.print(_run_facts(summary), highlight=False)
     console.print(f"wrote {out_dir}/metrics.jsonl, summary.json, accuracy.png", highlight=False)
 
 

@@ -155,6 +155,7 @@ class Peer:
                             "received": sum(s["received"] for s in step_events),
                             "missing": sorted({m for s in step_events for m in s["missing"]}),
                             "rejected": dict(self.rejected + self.transport.stats.rejected),
+                            "neighbor_distance": step_events[0].get("neighbor_distance"),
                             "bytes_sent": self.transport.stats.bytes_sent}
             if self.test_data is not None and (t % self.config.eval_every == 0 or t == last):
                 acc, loss = await self._compute(evaluate, self.model, *self.test_data)
@@ -165,11 +166,13 @@ class Peer:
     async def _gossip_step(self, t: int, q: int, x: torch.Tensor) -> tuple[torch.Tensor, Event]:
         self._step_done = trio.Event()
         self.tracker.begin(t, q)
-        # x is never modified in place after this point, so receivers may share its memory
-        frame = Frame(kind="model", sender=self.id, round=t, step=q, schema=self.schema, dtype="f32",
-                      payload=x.detach().cpu().numpy())
         for nb in self.tracker.neighbors:
-            await self.transport.send(nb, frame)
+            vector = self.outgoing(t, q, x, nb)
+            if vector is None:
+                continue
+            # vectors are never modified in place after this point, so receivers may share memory
+            await self.transport.send(nb, Frame(kind="model", sender=self.id, round=t, step=q, schema=self.schema,
+                                                dtype="f32", payload=vector.detach().cpu().numpy()))
         timed_out = False
         if not self.tracker.complete:
             with trio.move_on_after(self.config.step_timeout_s) as scope:
@@ -177,8 +180,16 @@ class Peer:
             timed_out = scope.cancelled_caught
         missing = self.tracker.missing()
         received = self.tracker.finish(timed_out)
+        info: Event = {"received": len(received), "missing": missing}
+        if received:  # a real peer's view of consensus: squared distance to its neighbours' mean
+            info["neighbor_distance"] = float(((x - torch.stack(list(received.values())).mean(0)) ** 2).sum())
         x = await self._compute(self._aggregate, x, received)
-        return x, {"received": len(received), "missing": missing}
+        return x, info
+
+    def outgoing(self, t: int, q: int, x: torch.Tensor, neighbor: str) -> torch.Tensor | None:
+        """The vector to send to `neighbor` at step (t, q); None sends nothing. An honest peer sends
+        its own x to everyone; the simulator's attackers override this."""
+        return x
 
     def _aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if not received:

@@ -118,24 +118,30 @@ def _trimmed_mean(own: Tensor, received: Tensor, f: int, p: Params, want: bool) 
     return _trim(own, received, f, n - 1 - f, want)
 
 
-def _krum_scores(d2: Tensor, f: int, active: Tensor, r: int) -> Tensor:
-    """score(i) = sum of squared distances to the r - f - 2 nearest other active inputs (inf if inactive)."""
+def _krum_order(d2: Tensor, f: int, active: Tensor) -> Tensor:
+    """Active inputs by increasing Krum score: the sum of squared distances to the r - f - 2 nearest other
+    active inputs (r = how many are active). Ties, which are structural when r - f - 2 <= 1 (mutual nearest
+    neighbours, or every score 0 in Bulyan's last rounds), go to the lower sum of squared distances to all
+    active inputs, then to the lower index, so that the order does not depend on the order of `received`."""
+    r = int(active.sum())
     masked = d2.masked_fill(~active[None, :], math.inf)
     masked.fill_diagonal_(math.inf)
-    k = max(r - f - 2, 0)
-    scores = masked.sort(dim=1).values[:, :k].sum(dim=1)
-    return scores.masked_fill_(~active, math.inf)
+    ranked = masked.sort(dim=1).values
+    scores = ranked[:, : max(r - f - 2, 0)].sum(dim=1).masked_fill_(~active, math.inf)
+    totals = ranked[:, : max(r - 1, 0)].sum(dim=1)
+    by_total = torch.sort(totals, stable=True).indices
+    order = by_total[torch.sort(scores[by_total], stable=True).indices]  # lexicographic (score, total, index)
+    return order[:r]
 
 
-def _all_scores(own: Tensor, received: Tensor, f: int) -> Tensor:
-    n = received.shape[0] + 1
-    d2 = kernels.sq_distances(kernels.gram(own, received))
-    return _krum_scores(d2, f, torch.ones(n, dtype=torch.bool, device=own.device), n)
+def _distances(own: Tensor, received: Tensor) -> Tensor:
+    g = kernels.gram(own, received)
+    return kernels.sq_distances((g + g.t()) * 0.5)  # exactly symmetric, so tied scores tie exactly
 
 
 def _krum(own: Tensor, received: Tensor, f: int, p: Params, want: bool) -> tuple[Tensor, Tensor | None]:
     n = received.shape[0] + 1
-    best = int(torch.argmin(_all_scores(own, received, f)))  # ties: the lowest index (own first)
+    best = int(_krum_order(_distances(own, received), f, torch.ones(n, dtype=torch.bool, device=own.device))[0])
     w = _full(n, 0.0, own)
     w[best] = 1.0
     return _row(own, received, best), w
@@ -144,7 +150,7 @@ def _krum(own: Tensor, received: Tensor, f: int, p: Params, want: bool) -> tuple
 def _multi_krum(own: Tensor, received: Tensor, f: int, p: Params, want: bool) -> tuple[Tensor, Tensor | None]:
     n = received.shape[0] + 1
     m = n - f if p["m"] is None else p["m"]
-    chosen = torch.sort(_all_scores(own, received, f), stable=True).indices[:m]
+    chosen = _krum_order(_distances(own, received), f, torch.ones(n, dtype=torch.bool, device=own.device))[:m]
     w = _full(n, 0.0, own)
     w[chosen] = 1.0 / m
     return _combine(own, received, w), w
@@ -153,14 +159,13 @@ def _multi_krum(own: Tensor, received: Tensor, f: int, p: Params, want: bool) ->
 def _bulyan(own: Tensor, received: Tensor, f: int, p: Params, want: bool) -> tuple[Tensor, Tensor | None]:
     n = received.shape[0] + 1
     theta, beta = n - 2 * f, n - 4 * f
-    d2 = kernels.sq_distances(kernels.gram(own, received))  # one distance matrix, masked per round
+    d2 = _distances(own, received)  # one distance matrix for every round, masked to the remaining inputs
     active = torch.ones(n, dtype=torch.bool, device=own.device)
-    picks = []
-    for t in range(theta):
-        best = torch.argmin(_krum_scores(d2, f, active, n - t))
+    chosen = []
+    for _ in range(theta):
+        best = int(_krum_order(d2, f, active)[0])
         active[best] = False
-        picks.append(best)
-    chosen = torch.stack(picks).tolist()
+        chosen.append(best)
     total, counts = kernels.closest_to_median_sum([own if i == 0 else received[i - 1] for i in chosen], beta, want)
     w = _full(n, 0.0, own)
     if counts is not None:

@@ -46,8 +46,6 @@ def largest_f(name: str, n: int) -> int:
 def test_permuting_received_changes_nothing(name: str, data: tuple[torch.Tensor, int], perm_seed: int) -> None:
     x, n = data
     f = largest_f(name, n)
-    if name == "bulyan" and n < 7:
-        f = 0
     perm = torch.randperm(n - 1, generator=torch.Generator().manual_seed(perm_seed)).tolist()
     a = aggregate(name, x[0], x[1:], f=f, **params_for(name, n))
     b = aggregate(name, x[0], x[1:][perm], f=f, **params_for(name, n, perm))
@@ -94,7 +92,8 @@ def test_coordinatewise_weights_permute_with_received(x: torch.Tensor, data: st.
     for name in ("median", "trimmed_mean"):
         a = aggregate(name, x[0], x[1:], f=f)
         b = aggregate(name, x[0], x[1:][perm], f=f)
-        assert torch.allclose(a.vector, b.vector, rtol=1e-6, atol=1e-6)
+        tol = 1e-6 * n * float(x.abs().max()) + 1e-6  # the kept values may be summed in another order
+        assert torch.allclose(a.vector, b.vector, rtol=0, atol=tol)
         assert torch.allclose(a.weights[1:][perm], b.weights[1:], atol=1e-6)
 
 
