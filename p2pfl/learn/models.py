@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,15 +108,20 @@ def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def flatten(model: nn.Module) -> torch.Tensor:
-    """A fresh contiguous copy of the shared parameters, shape (d,)."""
+def _params(model: nn.Module | Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    # a hot loop passes its cached parameter list: walking the module tree costs more than the copy
+    return shared_parameters(model) if isinstance(model, nn.Module) else model
+
+
+def flatten(model: nn.Module | Sequence[torch.Tensor]) -> torch.Tensor:
+    """A fresh contiguous copy of the shared parameters (a model, or its shared_parameters list), shape (d,)."""
     with torch.no_grad():
-        return torch.cat([p.reshape(-1) for p in shared_parameters(model)])
+        return torch.cat([p.reshape(-1) for p in _params(model)])
 
 
-def load_flat(model: nn.Module, vector: torch.Tensor) -> None:
+def load_flat(model: nn.Module | Sequence[torch.Tensor], vector: torch.Tensor) -> None:
     """Write a (d,) vector back into the shared parameters, in layout order."""
-    params = shared_parameters(model)
+    params = _params(model)
     expected = sum(p.numel() for p in params)
     if vector.shape != (expected,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}, the model shares {expected} values")

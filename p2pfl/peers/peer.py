@@ -87,6 +87,7 @@ class Peer:
         self.offload = offload
         gen = torch.Generator().manual_seed(self.config.seed)
         self.trainer = LocalTrainer(model, *train_data, self.config.train, gen)
+        self.vector = flatten(self.trainer.params)  # x_i: the shared parameters after the last round
         self.tracker: StepTracker[torch.Tensor] = StepTracker(
             [], steps_per_round=self.config.gossip_steps, max_ahead_rounds=self.config.max_ahead_rounds)
         self.set_neighbors(neighbors)
@@ -144,12 +145,13 @@ class Peer:
         last = self.round + rounds - 1
         for t in range(self.round, self.round + rounds):
             stats = await self._compute(self.trainer.train_round, t)
-            x = flatten(self.model)
+            x = flatten(self.trainer.params)
             step_events = []
             for q in range(self.config.gossip_steps):
                 x, info = await self._gossip_step(t, q, x)
                 step_events.append(info)
-            load_flat(self.model, x)
+            load_flat(self.trainer.params, x)
+            self.vector = x
             event: Event = {"kind": "round", "round": t, "peer": self.id, "train_loss": stats.loss,
                             "local_steps": stats.steps,
                             "received": sum(s["received"] for s in step_events),

@@ -30,7 +30,7 @@ import trio.testing
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.topology import build_topology, metropolis_hastings, neighbors, spectral_gap
 from p2pfl.learn.datasets import Dataset, load_dataset
-from p2pfl.learn.models import flatten, make_model
+from p2pfl.learn.models import make_model
 from p2pfl.learn.train import LocalTrainer, evaluate
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
@@ -102,7 +102,7 @@ class _RoundWatcher:
         if "accuracy" in event:
             self.last_accuracy[i] = event["accuracy"]
         slot = self.pending.setdefault(event["round"], {})
-        slot[i] = (flatten(self.peers[i].model), event)
+        slot[i] = (self.peers[i].vector, event)
         if len(slot) == len(self.peers):
             self._close_round(event["round"], self.pending.pop(event["round"]))
 
