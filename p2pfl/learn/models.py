@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,20 +107,15 @@ def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _params(model: nn.Module | Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-    # a hot loop passes its cached parameter list: walking the module tree costs more than the copy
-    return shared_parameters(model) if isinstance(model, nn.Module) else model
-
-
-def flatten(model: nn.Module | Sequence[torch.Tensor]) -> torch.Tensor:
-    """A fresh contiguous copy of the shared parameters (a model, or its shared_parameters list), shape (d,)."""
+def flatten(model: nn.Module) -> torch.Tensor:
+    """A fresh contiguous copy of the shared parameters, shape (d,)."""
     with torch.no_grad():
-        return torch.cat([p.reshape(-1) for p in _params(model)])
+        return torch.cat([p.reshape(-1) for p in shared_parameters(model)])
 
 
-def load_flat(model: nn.Module | Sequence[torch.Tensor], vector: torch.Tensor) -> None:
+def load_flat(model: nn.Module, vector: torch.Tensor) -> None:
     """Write a (d,) vector back into the shared parameters, in layout order."""
-    params = _params(model)
+    params = shared_parameters(model)
     expected = sum(p.numel() for p in params)
     if vector.shape != (expected,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}, the model shares {expected} values")
@@ -131,3 +125,31 @@ def load_flat(model: nn.Module | Sequence[torch.Tensor], vector: torch.Tensor) -
             n = p.numel()
             p.copy_(vector[offset:offset + n].view_as(p))
             offset += n
+
+
+class FlatParameters:
+    """A model's shared parameters re-homed as views into ONE contiguous (d,) buffer.
+
+    After this, reading x_i is one copy (`get`) and writing the aggregate back is one copy (`set`),
+    instead of a slice-copy per tensor; optimizers keep working since they update the views in
+    place. Build it before creating the optimizer, and do not re-assign the parameters afterwards.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = shared_parameters(model)
+        with torch.no_grad():
+            self.buffer = torch.cat([p.reshape(-1) for p in self.params])  # (d,)
+            offset = 0
+            for p in self.params:
+                n = p.numel()
+                p.data = self.buffer[offset:offset + n].view_as(p)
+                offset += n
+
+    def get(self) -> torch.Tensor:
+        return self.buffer.clone()
+
+    def set(self, vector: torch.Tensor) -> None:
+        if vector.shape != self.buffer.shape:
+            raise ValueError(f"vector has shape {tuple(vector.shape)}, the model shares {self.buffer.numel()} values")
+        with torch.no_grad():
+            self.buffer.copy_(vector)

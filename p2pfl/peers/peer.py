@@ -32,7 +32,7 @@ from torch import nn
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip.codec import Frame
 from p2pfl.gossip.rounds import StepTracker
-from p2pfl.learn.models import ParamLayout, flatten, load_flat
+from p2pfl.learn.models import FlatParameters, ParamLayout
 from p2pfl.learn.train import LocalTrainer, TrainConfig, evaluate
 from p2pfl.peers.transport import Transport
 from p2pfl.robust import RULES, aggregate, check_rule
@@ -86,8 +86,9 @@ class Peer:
         self.on_event = on_event or (lambda e: None)
         self.offload = offload
         gen = torch.Generator().manual_seed(self.config.seed)
+        self.flat = FlatParameters(model)   # before the optimizer: it must see the re-homed params
         self.trainer = LocalTrainer(model, *train_data, self.config.train, gen)
-        self.vector = flatten(self.trainer.params)  # x_i: the shared parameters after the last round
+        self.vector = self.flat.get()       # x_i: the shared parameters after the last round
         self.tracker: StepTracker[torch.Tensor] = StepTracker(
             [], steps_per_round=self.config.gossip_steps, max_ahead_rounds=self.config.max_ahead_rounds)
         self.set_neighbors(neighbors)
@@ -145,12 +146,12 @@ class Peer:
         last = self.round + rounds - 1
         for t in range(self.round, self.round + rounds):
             stats = await self._compute(self.trainer.train_round, t)
-            x = flatten(self.trainer.params)
+            x = self.flat.get()
             step_events = []
             for q in range(self.config.gossip_steps):
                 x, info = await self._gossip_step(t, q, x)
                 step_events.append(info)
-            load_flat(self.trainer.params, x)
+            self.flat.set(x)
             self.vector = x
             event: Event = {"kind": "round", "round": t, "peer": self.id, "train_loss": stats.loss,
                             "local_steps": stats.steps,
@@ -183,9 +184,11 @@ class Peer:
         missing = self.tracker.missing()
         received = self.tracker.finish(timed_out)
         info: Event = {"received": len(received), "missing": missing}
-        if received:  # a real peer's view of consensus: squared distance to its neighbours' mean
-            info["neighbor_distance"] = float(((x - torch.stack(list(received.values())).mean(0)) ** 2).sum())
-        x = await self._compute(self._aggregate, x, received)
+        if received:
+            stacked = torch.stack(list(received.values()))  # (m, d)
+            # a real peer's view of consensus: squared distance to its neighbours' mean
+            info["neighbor_distance"] = float(torch.dist(x, stacked.mean(0)) ** 2)
+            x = await self._compute(self._aggregate, x, list(received), stacked)
         return x, info
 
     def outgoing(self, t: int, q: int, x: torch.Tensor, neighbor: str) -> torch.Tensor | None:
@@ -193,15 +196,13 @@ class Peer:
         its own x to everyone; the simulator's attackers override this."""
         return x
 
-    def _aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if not received:
-            return own
+    def _aggregate(self, own: torch.Tensor, senders: list[str], stacked: torch.Tensor) -> torch.Tensor:
+        """x <- rule(own, received); `stacked` (m, d) holds the vectors of `senders`, in that order."""
         cfg = self.config
-        stacked = torch.stack(list(received.values()))  # (m, d)
         if cfg.aggregator == "mixing":
             # x_i <- W_ii x_i + sum_j W_ij x_j. A missing neighbour's weight stays with us, so the
             # row still sums to 1. (The weights were validated once, in set_neighbors.)
-            w_nb = torch.tensor([self.weights[p] for p in received], dtype=own.dtype, device=own.device)
+            w_nb = torch.tensor([self.weights[p] for p in senders], dtype=own.dtype, device=own.device)
             return own * (1.0 - float(w_nb.sum())) + w_nb @ stacked
         params = dict(cfg.aggregator_params)
         try:

@@ -35,7 +35,7 @@ from p2pfl.learn.train import LocalTrainer, evaluate
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.sim.partition import partition
-from p2pfl.sim.results import MetricsLog, accuracy_table, plot_accuracy, read_events, write_json
+from p2pfl.sim.results import MetricsLog, accuracy_table, plot_accuracy, plot_consensus, read_events, write_json
 from p2pfl.sim.scenario import Scenario
 
 Progress = Callable[[int, dict[str, Any]], None]
@@ -122,7 +122,7 @@ class _RoundWatcher:
 
 
 def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = None) -> dict[str, Any]:
-    """Run `scenario` in-process; write metrics.jsonl, summary.json and accuracy.png to `out_dir`."""
+    """Run `scenario` in-process; write metrics.jsonl, summary.json, accuracy.png, consensus.png to `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -130,8 +130,9 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     setup = Setup.build(scenario)
     s = scenario
     log = MetricsLog(out / "metrics.jsonl")
+    gap = spectral_gap(setup.W)
     log.write({"kind": "run", "round": -1, "name": s.name, "scenario": s.to_dict(), "honest": list(range(s.peers)),
-               "spectral_gap": spectral_gap(setup.W), "peer_ids": [ident.peer_id for ident in setup.identities]})
+               "spectral_gap": gap, "peer_ids": [ident.peer_id for ident in setup.identities]})
 
     network = MemoryNetwork(wire=s.wire, latency_s=s.latency_ms / 1000, loss=s.loss, seed=s.seed)
     test = setup.tensors(test=True)
@@ -172,8 +173,10 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
         log.write({"kind": "centralized", "round": t, "accuracy": acc})
     log.close()
 
-    table = accuracy_table(read_events(out))
+    events = read_events(out)
+    table = accuracy_table(events)
     plot_accuracy(table, out / "accuracy.png", s.name)
+    plot_consensus(events, out / "consensus.png", s.name)
     rejected: dict[str, int] = {}
     for p in peers:
         for reason, n in (p.rejected + p.transport.stats.rejected).items():
@@ -182,7 +185,8 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     summary = {
         "name": s.name, "peers": s.peers, "rounds": s.rounds, "seed": s.seed, "topology": s.topology,
         "dataset": s.dataset, "partition": s.partition, "aggregator": s.aggregator,
-        "spectral_gap": spectral_gap(setup.W),
+        "algorithm": s.algorithm_name, "gossip_steps": s.gossip_steps, **s.local_update(),
+        "spectral_gap": gap,
         "honest_accuracy": {"mean": final.get("accuracy_mean"), "min": final.get("accuracy_min"),
                             "max": final.get("accuracy_max")},
         "centralized_accuracy": central[-1] if central else None,
