@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -43,11 +44,16 @@ def keygen(out: Path = typer.Option(..., "--out", help="file to write the Ed2551
 
 def _results_table(summary: dict[str, Any]) -> Table:
     t = Table(title=f"{summary['name']}: {summary['peers']} peers, {summary['topology']}, "
-                    f"{summary['rounds']} rounds, seed {summary['seed']}")
+                    f"{summary['rounds']} rounds, seed {summary['seed']}"
+                    + (f", {summary['algorithm']} (rho {summary['rho']:g}, Q {summary['gossip_steps']})"
+                       if "algorithm" in summary else ""))
     for col in ("", "mean", "min", "max"):
         t.add_column(col, justify="right")
     acc = summary["honest_accuracy"]
-    t.add_row("peers' test accuracy", *(f"{acc[k]:.3f}" for k in ("mean", "min", "max")))
+    label = "peers' test accuracy"
+    if summary.get("attackers"):
+        label = f"honest peers' accuracy ({summary['attackers']} {summary['attack']} attackers excluded)"
+    t.add_row(label, *(f"{acc[k]:.3f}" for k in ("mean", "min", "max")))
     if summary.get("centralized_accuracy") is not None:
         t.add_row("centralized reference", f"{summary['centralized_accuracy']:.3f}", "", "")
     return t
@@ -57,6 +63,18 @@ def _run_facts(summary: dict[str, Any]) -> str:
     return (f"consensus distance {summary['consensus_distance']:.3g} · {summary['bytes_sent'] / 1e6:.1f} MB sent · "
             f"{summary['wall_s']:.1f} s ({summary['peer_rounds_per_s']:.0f} peer-rounds/s) · "
             f"rejected frames: {summary['rejected'] or 'none'}")
+
+
+def _attackers_flag(value: str | None) -> float | list[int] | None:
+    """--attackers: "0.3" is a fraction, "1,5" (or "5,") a list of peer indices."""
+    if value is None:
+        return None
+    try:
+        if "," in value:
+            return [int(v) for v in value.split(",") if v.strip()]
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"--attackers: expected a fraction (0.3) or peer indices (1,5), got {value!r}") from None
 
 
 @app.command()
@@ -70,12 +88,22 @@ def sim(
     seed: Optional[int] = typer.Option(None, help="seed of everything random in the run"),
     model: Optional[str] = typer.Option(None, help="mlp or cnn"),
     aggregator: Optional[str] = typer.Option(None, help="aggregation rule (mixing = Metropolis-Hastings DFedAvg)"),
-    gossip_steps: Optional[int] = typer.Option(None, help="gossip steps Q per round"),
+    algorithm: Optional[str] = typer.Option(None, help="preset: dfedavg, dfedavgm (momentum 0.9), dfedsam (rho 0.05)"),
+    rho: Optional[float] = typer.Option(None, help="SAM radius (0 = SGD); wins over the preset"),
+    gossip_steps: Optional[int] = typer.Option(None, help="gossip steps Q per round (Q > 1: -MGS)"),
     lr: Optional[float] = typer.Option(None, help="local learning rate"),
+    lr_decay: Optional[float] = typer.Option(None, help="lr at round t is lr * lr_decay**t"),
+    momentum: Optional[float] = typer.Option(None, help="local SGD momentum; wins over the preset"),
+    weight_decay: Optional[float] = typer.Option(None, help="local SGD weight decay"),
     local_epochs: Optional[float] = typer.Option(None, help="local epochs per round"),
     local_steps: Optional[int] = typer.Option(None, help="local steps per round (overrides epochs)"),
     batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
     wire: Optional[bool] = typer.Option(None, "--wire/--no-wire", help="send every frame through the signed codec"),
+    f: Optional[int] = typer.Option(None, "--f", help="Byzantine inputs the aggregation rule must tolerate"),
+    attack: Optional[str] = typer.Option(None, help="none, sign_flip, gaussian, label_flip, alie, ipm, dissensus, "
+                                                    "free_rider, silent, mimic"),
+    attackers: Optional[str] = typer.Option(None, help="fraction of Byzantine peers in [0, 1) (0.3), or "
+                                                       "comma-separated peer indices (1,5; one peer: 5,)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default results/<name>-<time>)"),
 ) -> None:
     """Simulate a decentralized federation in this process and report the peers' accuracy."""
@@ -84,8 +112,11 @@ def sim(
 
     overrides = dict(peers=peers, rounds=rounds, topology=topology, dataset=dataset, partition=partition,
                      seed=seed, model=model, aggregator=aggregator, gossip_steps=gossip_steps, lr=lr,
-                     local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size, wire=wire)
+                     local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size, wire=wire,
+                     algorithm=algorithm, rho=rho, lr_decay=lr_decay, momentum=momentum, weight_decay=weight_decay,
+                     f=f, attack=attack)
     try:
+        overrides["attackers"] = _attackers_flag(attackers)
         s = scenarios.load(scenario, overrides)
         out_dir = out or Path("results") / f"{s.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -101,7 +132,7 @@ def sim(
         _fail(str(e))
     console.print(_results_table(summary))
     console.print(_run_facts(summary), highlight=False)
-    console.print(f"wrote {out_dir}/metrics.jsonl, summary.json, accuracy.png", highlight=False)
+    console.print(f"wrote {out_dir}/metrics.jsonl, summary.json, accuracy.png, consensus.png", highlight=False)
 
 
 @app.command()
@@ -121,7 +152,65 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder written by `p2
         t.add_row(str(rnd + 1), f"{tab['mean'][k]:.3f}", f"{tab['min'][k]:.3f}", f"{tab['max'][k]:.3f}",
                   f"{tab['centralized'][k]:.3f}", f"{tab['consensus_distance'][k]:.3g}")
     console.print(t)
-    console.print(f"wrote {run_dir}/accuracy.png", highlight=False)
+    console.print(f"wrote {run_dir}/accuracy.png, consensus.png", highlight=False)
+
+
+@app.command()
+def peer(
+    config: Optional[Path] = typer.Option(None, "--config", help="peer.toml with the same keys as these flags"),
+    key: Optional[Path] = typer.Option(None, help="identity key file (missing: generated, saved under --out)"),
+    listen: Optional[list[str]] = typer.Option(None, help="multiaddr to listen on [/ip4/0.0.0.0/tcp/0]"),
+    bootstrap: Optional[list[str]] = typer.Option(None, help="multiaddr .../p2p/<id> of a peer to join (repeatable)"),
+    neighbors: Optional[str] = typer.Option(None, help="comma-separated peer IDs or multiaddrs: a fixed neighbour set"),
+    degree: Optional[int] = typer.Option(None, help="neighbours to pick when --neighbors is not given [4]"),
+    min_neighbors: Optional[int] = typer.Option(None, help="start round 0 once this many neighbours are up [1]"),
+    start_timeout: Optional[float] = typer.Option(None, help="... or after this many seconds [60]"),
+    rounds: Optional[int] = typer.Option(None, help="rounds to run [30]"),
+    out: Optional[Path] = typer.Option(None, help="folder for metrics.jsonl, summary.json, checkpoint.pt [peer-out]"),
+    resume: Optional[Path] = typer.Option(None, help="restart from the checkpoint in this folder"),
+    network_key: Optional[Path] = typer.Option(None, help="file with a 64-hex-char private-network key"),
+    allow: Optional[Path] = typer.Option(None, help="file with the peer IDs allowed to join, one a line"),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu or auto [auto]"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (0: torch's default)"),
+    dataset: Optional[str] = typer.Option(None, help="digits, mnist1d, synthetic, npz:PATH"),
+    shard: Optional[str] = typer.Option(None, help="i/N: train on the i-th of N shards [0/1]"),
+    partition: Optional[str] = typer.Option(None, help="iid, dirichlet:ALPHA, classes:K (as in sim)"),
+    seed: Optional[int] = typer.Option(None, help="seed of the data split and the initial model (same on all peers)"),
+    model: Optional[str] = typer.Option(None, help="mlp or cnn"),
+    aggregator: Optional[str] = typer.Option(None, help="aggregation rule"),
+    gossip_steps: Optional[int] = typer.Option(None, help="gossip steps Q per round"),
+    lr: Optional[float] = typer.Option(None, help="local learning rate"),
+    local_epochs: Optional[float] = typer.Option(None, help="local epochs per round"),
+    local_steps: Optional[int] = typer.Option(None, help="local steps per round (overrides epochs)"),
+    batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
+    step_timeout: Optional[float] = typer.Option(None, help="seconds to wait for neighbours in one gossip step [30]"),
+    delay_ms: Optional[float] = typer.Option(None, help="inject this delay before every outbound frame"),
+) -> None:
+    """Run one real peer over libp2p: train on a shard, gossip with neighbours, checkpoint every round."""
+    import logging
+
+    from p2pfl.peers import settings as peer_settings
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides: dict[str, Any] = dict(
+        key=key, listen=tuple(listen or ()), bootstrap=tuple(bootstrap or ()),
+        neighbors=tuple(n for n in (neighbors or "").split(",") if n), degree=degree, min_neighbors=min_neighbors,
+        start_timeout=start_timeout, rounds=rounds, out=out, resume=resume, network_key=network_key, allow=allow,
+        device=device, threads=threads, dataset=dataset, shard=shard, partition=partition, seed=seed, model=model,
+        aggregator=aggregator, gossip_steps=gossip_steps, lr=lr, local_epochs=local_epochs, local_steps=local_steps,
+        batch_size=batch_size, step_timeout=step_timeout, delay_ms=delay_ms)
+    try:
+        s = peer_settings.load(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
+        from p2pfl.peers import node   # importing libp2p resets its loggers: quiet them afterwards
+
+        if not os.environ.get("LIBP2P_DEBUG"):
+            logging.getLogger("libp2p").setLevel(logging.CRITICAL)   # we report dial failures in one line
+        summary = node.run(s, report=lambda line: print(line, flush=True))
+    except ConfigError as e:
+        _fail(str(e))
+    acc = summary["accuracy"]
+    print(f"done: round {summary['rounds_done']}/{summary['rounds']}"
+          + (f", accuracy {acc:.3f}" if acc is not None else "") + f"; wrote {s.out}/summary.json", flush=True)
 
 
 def main() -> None:

@@ -42,6 +42,10 @@ class Reject(str, enum.Enum):
     STALE = "stale"
     BUFFER_FULL = "buffer_full"
     OVERSIZE = "oversize"
+    # stream-level (libp2p transport): the frame never arrived whole, or its sender may not talk to us
+    TRUNCATED = "truncated"          # the stream ended or was reset mid-frame
+    STALLED = "stalled"              # no bytes for the stall timeout mid-frame; the stream is reset
+    NOT_ALLOWED = "not_allowed"      # not on the allowlist, or no accepted hello yet
 
 
 class RemoteProtocolError(P2PFLError):

@@ -53,6 +53,35 @@ class TrainConfig:
         return max(1, math.ceil(self.local_epochs * n_samples / self.batch_size))
 
 
+# Algorithm presets: the defaults a named algorithm gives to the local-update keys. A key that is set
+# explicitly (scenario file, CLI flag) always wins over its preset. Q (gossip_steps) is separate:
+# DFedSAM with Q > 1 is DFedSAM-MGS.
+ALGORITHMS: dict[str, dict[str, float]] = {
+    # DFedAvg (Sun, Li & Wang, "Decentralized Federated Averaging", TPAMI 2022, arXiv 2104.11375):
+    # plain local SGD, then gossip.
+    "dfedavg": {"rho": 0.0, "momentum": 0.0},
+    # DFedAvgM, the same paper's heavy-ball variant. 0.9 is the customary beta; it is also the SGD
+    # momentum recalled (unverified) for the DFedSAM paper's runs (shared/ALGORITHMS.md, section 1).
+    "dfedavgm": {"rho": 0.0, "momentum": 0.9},
+    # DFedSAM (Shi et al., ICML 2023, arXiv 2302.04083), Alg. 1: a plain SGD step at the SAM point.
+    # rho 0.05 is davda54/sam's default, used by the public reimplementations (the paper: ~0.01-0.05).
+    "dfedsam": {"rho": 0.05, "momentum": 0.0},
+}
+
+
+def algorithm_preset(name: str) -> dict[str, float]:
+    """The preset of `name`, a key of ALGORITHMS; ConfigError naming the allowed values otherwise."""
+    if name not in ALGORITHMS:
+        raise ConfigError(f"algorithm: unknown value {name!r}; allowed: {', '.join(ALGORITHMS)}")
+    return dict(ALGORITHMS[name])
+
+
+def algorithm_name(rho: float, momentum: float, gossip_steps: int = 1) -> str:
+    """The name of what a configuration runs, e.g. 'dfedsam-mgs' for rho > 0 and Q > 1."""
+    name = "dfedsam" if rho > 0 else "dfedavgm" if momentum > 0 else "dfedavg"
+    return f"{name}-mgs" if gossip_steps > 1 else name
+
+
 @dataclass(frozen=True)
 class TrainStats:
     loss: float

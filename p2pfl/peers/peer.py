@@ -23,6 +23,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -115,16 +116,23 @@ class Peer:
         self._nursery.start_soon(self._receive_loop)
         return self
 
-    async def __aexit__(self, *exc: object) -> bool | None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
-        return await self._nursery_cm.__aexit__(*exc)
+        self._nursery = None
+        return await self._nursery_cm.__aexit__(exc_type, exc, tb)
 
     def run(self, rounds: int) -> list[Event]:
         """Blocking convenience: start, train `rounds` rounds, stop. Returns the round events."""
         events: list[Event] = []
         user_hook = self.on_event
-        self.on_event = lambda e: (events.append(e), user_hook(e))
+
+        def record(event: Event) -> None:
+            events.append(event)
+            user_hook(event)
+
+        self.on_event = record
 
         async def main() -> None:
             async with self:
@@ -169,6 +177,7 @@ class Peer:
     async def _gossip_step(self, t: int, q: int, x: torch.Tensor) -> tuple[torch.Tensor, Event]:
         self._step_done = trio.Event()
         self.tracker.begin(t, q)
+        await self.prepare_step(t, q, x)
         for nb in self.tracker.neighbors:
             vector = self.outgoing(t, q, x, nb)
             if vector is None:
@@ -185,11 +194,15 @@ class Peer:
         received = self.tracker.finish(timed_out)
         info: Event = {"received": len(received), "missing": missing}
         if received:
-            stacked = torch.stack(list(received.values()))  # (m, d)
+            stacked = torch.stack(list(received.values())).to(x.device)  # (m, d); frames arrive on the CPU
             # a real peer's view of consensus: squared distance to its neighbours' mean
             info["neighbor_distance"] = float(torch.dist(x, stacked.mean(0)) ** 2)
             x = await self._compute(self._aggregate, x, list(received), stacked)
         return x, info
+
+    async def prepare_step(self, t: int, q: int, x: torch.Tensor) -> None:
+        """Called once per step (t, q), after entering it and before `outgoing` is asked per neighbour.
+        An honest peer has nothing to do; an attacker may wait here for what it crafts from."""
 
     def outgoing(self, t: int, q: int, x: torch.Tensor, neighbor: str) -> torch.Tensor | None:
         """The vector to send to `neighbor` at step (t, q); None sends nothing. An honest peer sends

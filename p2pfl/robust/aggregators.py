@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,10 +35,8 @@ Params = dict[str, Any]
 Impl = Callable[[Tensor, Tensor, int, Params, bool], "tuple[Tensor, Tensor | None]"]
 
 
-class Rule(Protocol):
-    """`rule(own: Tensor[d], received: Tensor[m, d], *, f, **params) -> Tensor[d]`."""
-
-    def __call__(self, own: Tensor, received: Tensor, *, f: int, **params: Any) -> Tensor: ...
+Rule = Callable[..., Tensor]
+"""`rule(own: Tensor[d], received: Tensor[m, d], *, f: int, **params) -> Tensor[d]` (params differ per rule)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,7 +17,7 @@ working set stays in cache and no [n, d] copy of the inputs is ever made (the in
   weights do not depend on the order of `received`.
 
 Invariants: tensors stay on the inputs' device and dtype (float64 only for [n]- and [n, n]-sized results);
-nothing here knows rule names, f, or configuration. The only state is the lru_cache of network layouts.
+nothing here knows rule names, f, or configuration. The only state is the cache of network layouts.
 """
 
 from __future__ import annotations
@@ -30,10 +30,14 @@ from torch import Tensor
 
 Network = tuple[tuple[int, int], ...]
 
-# Elements per chunk buffer: 4 MiB of float32 fits the 2 MiB-per-core L2 of a typical server core for
-# the Gram pass, 16 MiB keeps the comparator network's rows in L3. On a GPU, chunks only bound memory.
-_GRAM_CHUNK = {"cpu": 1 << 20}
-_SORT_CHUNK = {"cpu": 1 << 22}
+# Chunk sizes, in elements per chunk buffer unless named COLS. On a GPU, chunks only bound memory.
+# CPU: the Gram pass takes 16 MiB chunks (few, large ops; MKL's sgemm is as fast as on the whole matrix).
+# The comparator network makes hundreds of elementwise ops per chunk; rows of 16384 columns keep each op
+# under ATen's parallel grain (32768), so they run on the calling thread: ~1.4x slower than 2 threads on
+# an idle machine, but no OpenMP barrier per op, which on a busy machine made them 30x slower.
+_GRAM_CHUNK = {"cpu": 1 << 22}
+_SORT_COLS = {"cpu": 1 << 14}
+_WEIGHT_CHUNK = {"cpu": 1 << 22}
 _DEVICE_CHUNK = 1 << 26
 _MIN_COLS = 1024  # below this, per-call overhead dominates (tests lower it to exercise chunk edges)
 
@@ -92,7 +96,7 @@ def sq_distances(g: Tensor) -> Tensor:
 # -------------------------------------------------------------------------------- comparator networks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def batcher(n: int) -> Network:
     """Batcher's odd-even merge sort on n wires (built for the next power of two; comparators touching a
     wire >= n are dropped, which is exact because those wires would hold +inf)."""
@@ -130,17 +134,13 @@ def _bubble(n: int, top: int, bottom: int) -> Network:
     return tuple(comps)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def selection(n: int, lo: int, hi: int, exact: bool) -> Network:
     """A network after which wires lo..hi hold the order statistics lo..hi as a multiset; with `exact`,
-    wires lo - 1, lo, hi and hi + 1 (those that exist) hold exactly their order statistics. The shorter of
-    bubble passes (cheap when few extremes are set aside) and Batcher pruned to the wires that are read."""
-    if exact:
-        top, bottom = n - hi, (lo + 1 if lo < hi else lo)
-        keep = set(range(max(lo - 1, 0), min(hi + 1, n - 1) + 1))
-    else:
-        top, bottom = n - 1 - hi, lo
-        keep = set(range(lo, hi + 1))
+    wires lo and hi hold exactly the lo-th and hi-th. The shorter of bubble passes (cheap when few extremes
+    are set aside) and Batcher pruned to the wires that are read."""
+    top, bottom = (n - hi, lo + 1 if lo < hi else 0) if exact else (n - 1 - hi, lo)
+    keep = set(range(lo, hi + 1))
     bubble = _bubble(n, top, bottom)
     sorter = _prune(batcher(n), keep)
     return bubble if len(bubble) < len(sorter) else sorter
@@ -159,10 +159,8 @@ def _run(rows: list[Tensor], comps: Network, spare: Tensor) -> None:
 
 
 def _tie_shared(x: Tensor, lo: Tensor | int, hi: Tensor | int, s_lo: Tensor, s_hi: Tensor) -> Tensor:
-    """Exact kept-slot count per input when values tie at a cut: the tied inputs share the slots equally.
-
-    x: [r, w]; slots lo..hi of each sorted column are kept; s_lo, s_hi: [w] the values in slots lo and hi.
-    """
+    """Kept-slot count per input, summed over the columns of x [r, w], where values tie at a cut: the
+    inputs equal to s_lo (or s_hi), the values in slots lo (hi), share the kept slots holding that value."""
     r = x.shape[0]
     eq_lo, eq_hi = x == s_lo, x == s_hi
     c_lo, c_hi = eq_lo.sum(0), eq_hi.sum(0)
@@ -176,20 +174,40 @@ def _tie_shared(x: Tensor, lo: Tensor | int, hi: Tensor | int, s_lo: Tensor, s_h
     return w.sum(1)
 
 
-def _kept_weights(x: Tensor, lo: Tensor | int, hi: Tensor | int, s_lo: Tensor, s_hi: Tensor,
-                  tied: Tensor) -> Tensor:
-    """Per-input number of coordinates of the chunk x [r, w] where the input fills one of the kept slots
-    lo..hi, fractionally where it ties with a value outside them (`tied`: [w] bool, the columns where a
-    value equal to s_lo or s_hi sits outside the slots). Returns [r] float64."""
-    kept = (x >= s_lo) & (x <= s_hi)
-    counts = kept.sum(1, dtype=torch.float64)
-    if bool(tied.any()):
-        cols = tied.nonzero().squeeze(1)
-        lo_t = lo[cols] if isinstance(lo, Tensor) else lo
-        hi_t = hi[cols] if isinstance(hi, Tensor) else hi
-        counts -= kept[:, cols].sum(1, dtype=torch.float64)
-        counts += _tie_shared(x[:, cols], lo_t, hi_t, s_lo[cols], s_hi[cols])
+def _kept_counts(sources: list[Tensor], lo: Tensor | int, hi: Tensor | int, s_lo: Tensor, s_hi: Tensor) -> Tensor:
+    """Per source row, the number of coordinates where it fills one of the kept slots lo..hi (per
+    coordinate, [d] or scalars), shared equally among tied inputs. Big-chunk ops: this pass is vectorized."""
+    r, d = len(sources), sources[0].shape[0]
+    k = hi - lo + 1
+    counts = torch.zeros(r, dtype=torch.float64, device=s_lo.device)
+    for start, w in _chunks(d, _cols(_WEIGHT_CHUNK, r, s_lo.device)):
+        x = torch.stack([src[start : start + w] for src in sources])  # [r, w]
+        lo_c, hi_c = s_lo[start : start + w], s_hi[start : start + w]
+        kept = (x >= lo_c) & (x <= hi_c)
+        counts += kept.sum(1, dtype=torch.float64)
+        k_c = k[start : start + w] if isinstance(k, Tensor) else k
+        tied = kept.sum(0) != k_c  # more inputs in [s_lo, s_hi] than kept slots: a tie at a cut
+        if bool(tied.any()):
+            cols = tied.nonzero().squeeze(1)
+            lo_t = lo[start : start + w][cols] if isinstance(lo, Tensor) else lo
+            hi_t = hi[start : start + w][cols] if isinstance(hi, Tensor) else hi
+            counts -= kept[:, cols].sum(1, dtype=torch.float64)
+            counts += _tie_shared(x[:, cols], lo_t, hi_t, lo_c[cols], hi_c[cols])
     return counts
+
+
+def _sorted_chunks(sources: list[Tensor], net: Network) -> Iterator[tuple[int, int, list[Tensor]]]:
+    """Yield (start, width, rows) per column chunk, rows = the chunk of every source after the network."""
+    r, d, ref = len(sources), sources[0].shape[0], sources[0]
+    cols = _SORT_COLS.get(ref.device.type, _DEVICE_CHUNK // max(r, 1))
+    buf = ref.new_empty(r + 1, min(cols, d))  # the last row is the network's spare
+    for start, w in _chunks(d, cols):
+        b = buf[:, :w]
+        for k, src in enumerate(sources):
+            b[k].copy_(src[start : start + w])
+        rows = list(b[:r].unbind(0))
+        _run(rows, net, b[r])
+        yield start, w, rows
 
 
 def trimmed_sum(own: Tensor, received: Tensor, lo: int, hi: int, want_weights: bool) -> tuple[Tensor, Tensor | None]:
@@ -197,33 +215,18 @@ def trimmed_sum(own: Tensor, received: Tensor, lo: int, hi: int, want_weights: b
 
     Returns (sum [d] in the input dtype, kept-slot counts per input [n] float64 or None).
     """
-    n, d = received.shape[0] + 1, own.shape[0]
-    net = selection(n, lo, hi, want_weights)
-    cols = _cols(_SORT_CHUNK, n, own.device)
-    buf = own.new_empty(n + 1, min(cols, d))  # the last row is the network's spare
-    orig = own.new_empty(n, min(cols, d)) if want_weights else None
+    sources = [own, *received.unbind(0)]
     out = torch.empty_like(own)
-    counts = torch.zeros(n, dtype=torch.float64, device=own.device) if want_weights else None
-    for start, w in _chunks(d, cols):
-        b = buf[:, :w]
-        b[0].copy_(own[start : start + w])
-        b[1:n].copy_(received[:, start : start + w])
-        if orig is not None:
-            orig[:, :w].copy_(b[:n])
-        rows = list(b[:n].unbind(0))
-        _run(rows, net, b[n])
+    ends = (torch.empty_like(own), torch.empty_like(own)) if want_weights else None
+    for start, w, rows in _sorted_chunks(sources, selection(len(sources), lo, hi, want_weights)):
         o = out[start : start + w]
         o.copy_(rows[lo])
         for row in rows[lo + 1 : hi + 1]:
             o.add_(row)
-        if counts is not None and orig is not None:
-            tied = torch.zeros_like(rows[lo], dtype=torch.bool)
-            if lo > 0:
-                tied |= rows[lo - 1] == rows[lo]
-            if hi < n - 1:
-                tied |= rows[hi + 1] == rows[hi]
-            counts += _kept_weights(orig[:, :w], lo, hi, rows[lo], rows[hi], tied)
-    return out, counts
+        if ends is not None:
+            ends[0][start : start + w].copy_(rows[lo])
+            ends[1][start : start + w].copy_(rows[hi])
+    return out, (_kept_counts(sources, lo, hi, *ends) if ends is not None else None)
 
 
 def closest_to_median_sum(sources: list[Tensor], beta: int, want_weights: bool) -> tuple[Tensor, Tensor | None]:
@@ -234,36 +237,29 @@ def closest_to_median_sum(sources: list[Tensor], beta: int, want_weights: bool) 
 
     Returns (sum [d], kept counts per source row [r] float64 or None).
     """
-    r, d, ref = len(sources), sources[0].shape[0], sources[0]
-    net = batcher(r)
-    cols = _cols(_SORT_CHUNK, r, ref.device)
-    buf = ref.new_empty(r + 1, min(cols, d))  # the last row is the network's spare
-    orig = ref.new_empty(r, min(cols, d)) if want_weights else None
+    r, ref = len(sources), sources[0]
+    slides = r - beta
     out = torch.empty_like(ref)
-    counts = torch.zeros(r, dtype=torch.float64, device=ref.device) if want_weights else None
-    for start, w in _chunks(d, cols):
-        b = buf[:, :w]
-        for k, src in enumerate(sources):
-            b[k].copy_(src[start : start + w])
-        if orig is not None:
-            orig[:, :w].copy_(b[:r])
-        rows = list(b[:r].unbind(0))
-        _run(rows, net, b[r])
+    first = torch.empty(ref.shape[0], dtype=torch.long, device=ref.device)
+    ends = (torch.empty_like(ref), torch.empty_like(ref)) if want_weights else None
+    for start, w, rows in _sorted_chunks(sources, batcher(r)):
         med = rows[r // 2] if r % 2 else (rows[r // 2 - 1] + rows[r // 2]) * 0.5
-        # slide the window right while the next value on the right is strictly nearer than its leftmost one
-        start_slot = torch.zeros(w, dtype=torch.long, device=ref.device)
-        for s in range(r - beta):
-            start_slot += rows[s + beta] - med < med - rows[s]
+        s_first = first[start : start + w]
+        s_first.zero_()
+        for s in range(slides):  # slide right while the value entering is strictly nearer than the one leaving
+            s_first += rows[s + beta] - med < med - rows[s]
         o = out[start : start + w]
         o.zero_()
-        s_lo, s_hi = torch.zeros_like(rows[0]), torch.zeros_like(rows[0])
         for p, row in enumerate(rows):
-            inside = (start_slot <= p) & (start_slot + beta > p)
-            o.add_(torch.where(inside, row, 0.0))
-            if orig is not None:
-                s_lo = torch.where(start_slot == p, row, s_lo)
-                s_hi = torch.where(start_slot + beta - 1 == p, row, s_hi)
-        if counts is not None and orig is not None:
-            kept = (orig[:, :w] >= s_lo) & (orig[:, :w] <= s_hi)
-            counts += _kept_weights(orig[:, :w], start_slot, start_slot + beta - 1, s_lo, s_hi, kept.sum(0) != beta)
-    return out, counts
+            if slides <= p < beta:  # inside every candidate window
+                o.add_(row)
+            else:
+                o.add_(torch.where((s_first <= p) & (s_first + beta > p), row, 0.0))
+        if ends is not None:
+            s_lo, s_hi = ends[0][start : start + w], ends[1][start : start + w]
+            for s in range(slides + 1):
+                torch.where(s_first == s, rows[s], s_lo, out=s_lo)
+                torch.where(s_first == s, rows[s + beta - 1], s_hi, out=s_hi)
+    if ends is None:
+        return out, None
+    return out, _kept_counts(sources, first, first + beta - 1, *ends)

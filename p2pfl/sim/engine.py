@@ -34,6 +34,7 @@ from p2pfl.learn.models import make_model
 from p2pfl.learn.train import LocalTrainer, evaluate
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
+from p2pfl.sim import attacks
 from p2pfl.sim.partition import partition
 from p2pfl.sim.results import MetricsLog, accuracy_table, plot_accuracy, plot_consensus, read_events, write_json
 from p2pfl.sim.scenario import Scenario
@@ -88,8 +89,10 @@ def centralized_reference(setup: Setup) -> list[float]:
 class _RoundWatcher:
     """Collects per-peer round events; when a round is complete across peers, summarises it."""
 
-    def __init__(self, peers: list[Peer], log: MetricsLog, progress: Progress | None) -> None:
+    def __init__(self, peers: list[Peer], log: MetricsLog, progress: Progress | None,
+                 honest: set[int] | None = None) -> None:
         self.peers, self.log, self.progress = peers, log, progress
+        self.honest = set(range(len(peers))) if honest is None else honest  # what the summaries cover
         self.index = {p.id: i for i, p in enumerate(peers)}
         self.pending: dict[int, dict[int, tuple[torch.Tensor, dict[str, Any]]]] = {}
         self.rounds: list[dict[str, Any]] = []
@@ -107,9 +110,9 @@ class _RoundWatcher:
             self._close_round(event["round"], self.pending.pop(event["round"]))
 
     def _close_round(self, t: int, slot: dict[int, tuple[torch.Tensor, dict[str, Any]]]) -> None:
-        X = torch.stack([slot[i][0] for i in sorted(slot)])          # (n, d)
+        X = torch.stack([slot[i][0] for i in sorted(slot) if i in self.honest])  # (honest n, d)
         distance = float(((X - X.mean(0)) ** 2).sum(1).mean())
-        accs = [e["accuracy"] for _, e in slot.values() if "accuracy" in e]
+        accs = [e["accuracy"] for i, (_, e) in slot.items() if "accuracy" in e and i in self.honest]
         summary: dict[str, Any] = {"kind": "consensus", "round": t, "distance": distance}
         if accs:
             summary.update(accuracy_mean=float(np.mean(accs)), accuracy_min=float(np.min(accs)),
@@ -131,22 +134,28 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     s = scenario
     log = MetricsLog(out / "metrics.jsonl")
     gap = spectral_gap(setup.W)
-    log.write({"kind": "run", "round": -1, "name": s.name, "scenario": s.to_dict(), "honest": list(range(s.peers)),
+    nbrs = neighbors(setup.adjacency)
+    cast = attacks.Cast.of(s.attack, s.attack_params, attacks.choose_attackers(s.attackers, s.peers, s.seed),
+                           [ident.peer_id for ident in setup.identities], nbrs, setup.W, s.aggregator,
+                           s.gossip_steps, setup.data.num_classes)
+    honest = set(cast.honest)
+    log.write({"kind": "run", "round": -1, "name": s.name, "scenario": s.to_dict(), "honest": cast.honest,
+               "byzantine": sorted(cast.byzantine), "attack": s.attack,
                "spectral_gap": gap, "peer_ids": [ident.peer_id for ident in setup.identities]})
 
     network = MemoryNetwork(wire=s.wire, latency_s=s.latency_ms / 1000, loss=s.loss, seed=s.seed)
     test = setup.tensors(test=True)
     peers: list[Peer] = []
-    nbrs = neighbors(setup.adjacency)
     config = PeerConfig(train=s.train_config(), gossip_steps=s.gossip_steps, aggregator=s.aggregator,
                         aggregator_params=s.aggregator_params, f=s.f, step_timeout_s=s.step_timeout_s,
                         eval_every=s.eval_every)
     for i, ident in enumerate(setup.identities):
         weights = {setup.identities[j].peer_id: float(setup.W[i, j]) for j in nbrs[i]}
-        peers.append(Peer(copy.deepcopy(setup.init), setup.tensors(setup.shards[i]),
-                          transport=network.endpoint(ident), neighbors=weights,
-                          config=config.replace(seed=s.seed * 100_003 + i), test_data=test, offload=False))
-    watcher = _RoundWatcher(peers, log, progress)
+        peers.append(cast.peer(i, copy.deepcopy(setup.init), setup.tensors(setup.shards[i]),
+                               transport=network.endpoint(ident), neighbors=weights,
+                               config=config.replace(seed=s.seed * 100_003 + i),
+                               test_data=test if i in honest else None, offload=False))
+    watcher = _RoundWatcher(peers, log, progress, honest)
     for p in peers:
         p.on_event = watcher
 
@@ -174,11 +183,12 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     log.close()
 
     events = read_events(out)
-    table = accuracy_table(events)
-    plot_accuracy(table, out / "accuracy.png", s.name)
+    table = accuracy_table(events, honest)
+    plot_accuracy(table, out / "accuracy.png", s.name if not cast.byzantine else
+                  f"{s.name}: honest peers ({len(cast.byzantine)} {s.attack} attackers)")
     plot_consensus(events, out / "consensus.png", s.name)
     rejected: dict[str, int] = {}
-    for p in peers:
+    for p in (peers[i] for i in sorted(honest)):
         for reason, n in (p.rejected + p.transport.stats.rejected).items():
             rejected[reason] = rejected.get(reason, 0) + n
     final = watcher.rounds[-1]
@@ -196,6 +206,9 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
         "peer_rounds_per_s": s.peers * s.rounds / train_wall,
         "rejected": rejected,
         "per_peer_accuracy": [watcher.last_accuracy.get(i) for i in range(s.peers)],
+        "attack": s.attack, "attack_params": dict(s.attack_params), "attackers": len(cast.byzantine),
+        "byzantine": sorted(cast.byzantine),
+        "byzantine_neighbors": attacks.byzantine_neighbors(nbrs, cast.byzantine),
     }
     write_json(out / "summary.json", summary)
     return summary

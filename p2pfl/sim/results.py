@@ -128,6 +128,36 @@ def plot_accuracy(table: dict[str, Any], path: str | Path, title: str = "") -> N
     atomic_write(path, buf.getvalue())
 
 
+def consensus_curve(events: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """(rounds, exact consensus distance) from the `consensus` events, every round, evaluated or not."""
+    pairs = sorted((e["round"], e["distance"]) for e in events if e.get("kind") == "consensus")
+    return [t for t, _ in pairs], [d for _, d in pairs]
+
+
+def plot_consensus(events: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """consensus.png: (1/n) sum_i ||x_i - x_bar||^2 per round, log scale."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds, distance = consensus_curve(events)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    if any(d > 0 for d in distance):  # a log axis needs a positive value; a full graph can reach exactly 0
+        ax.plot(np.asarray(rounds) + 1, distance, marker="." if len(rounds) < 40 else None)
+        ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("consensus distance (1/n) Σ‖x_i − x̄‖²")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
 def report(run_dir: str | Path) -> dict[str, Any]:
     """Recompute the final table and the plots of a finished run from its metrics.jsonl."""
     run_dir = Path(run_dir)
@@ -138,5 +168,6 @@ def report(run_dir: str | Path) -> dict[str, Any]:
     if not table["rounds"]:
         raise ConfigError(f"{run_dir}: metrics.jsonl has no evaluated rounds yet")
     plot_accuracy(table, run_dir / "accuracy.png", start.get("name", ""))
+    plot_consensus(events, run_dir / "consensus.png", start.get("name", ""))
     return {"rounds": len(table["rounds"]), "final": {k: table[k][-1] for k in ("mean", "min", "max")},
             "centralized": table["centralized"][-1], "table": table}

@@ -4,6 +4,9 @@ Theory of operation: a `Scenario` is a flat, frozen dataclass; every field is a 
 same name. Loading is strict: an unknown key, a wrong type or a bad value raises `ConfigError`
 naming the key and the allowed values, before any work starts. Precedence: dataclass defaults <
 the embedded default file (when no file is given) or the user's file < command-line overrides.
+`algorithm` is a preset, not a value: `rho` and `momentum` stay None unless given, and resolve to
+the preset's value (then 0) only when read through `local_update()`/`train_config()`, so a key set
+anywhere (file or flag) wins over any preset, and `dataclasses.replace(s, algorithm=...)` re-applies.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Any
 from p2pfl.errors import ConfigError
 from p2pfl.gossip.topology import parse_topology
 from p2pfl.learn.models import MODELS
-from p2pfl.learn.train import TrainConfig
+from p2pfl.learn.train import TrainConfig, algorithm_name, algorithm_preset
 from p2pfl.robust import RULES
+from p2pfl.sim.attacks import check_scenario
 from p2pfl.sim.partition import parse_partition
 
 if sys.version_info >= (3, 11):
@@ -46,14 +50,15 @@ class Scenario:
     seed: int = 0
     engine: str = "inproc"
     # local training (see p2pfl.learn.train.TrainConfig)
+    algorithm: str | None = None  # a preset of p2pfl.learn.train.ALGORITHMS: defaults for rho and momentum
     lr: float = 0.2
     lr_decay: float = 1.0
-    momentum: float = 0.0
+    momentum: float | None = None  # None: the algorithm's preset (0 without one)
     weight_decay: float = 0.0
     batch_size: int = 16
     local_epochs: float = 2.0
     local_steps: int | None = None
-    rho: float = 0.0
+    rho: float | None = None       # SAM radius; None: the algorithm's preset (0 without one)
     # gossip and aggregation
     gossip_steps: int = 1
     aggregator: str = "mixing"
@@ -66,6 +71,10 @@ class Scenario:
     wire: bool = False          # run every frame through the real codec (signing included)
     eval_every: int = 1
     centralized: bool = True    # also train the centralized reference
+    # Byzantine peers (p2pfl.sim.attacks; the crafting math is p2pfl.robust.attacks)
+    attack: str = "none"
+    attackers: float | tuple[int, ...] = 0.0   # a fraction in [0, 1) drawn with `seed`, or peer indices
+    attack_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.peers < 2:
@@ -82,17 +91,32 @@ class Scenario:
             raise ConfigError(f"engine: unknown value {self.engine!r}; allowed: {', '.join(ENGINES)}")
         if self.aggregator not in RULES:
             raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; allowed: {', '.join(sorted(RULES))}")
+        check_scenario(self)  # attack, attackers, attack_params; the rule against the overlay's degree
         if self.latency_ms < 0 or not 0 <= self.loss < 1:
             raise ConfigError("latency_ms must be >= 0 and loss in [0, 1)")
-        self.train_config()  # validates the training keys
+        self.train_config()  # validates the training keys (and the algorithm name)
+
+    def local_update(self) -> dict[str, float]:
+        """rho and momentum as run: an explicit key wins over the algorithm's preset, which wins over 0."""
+        preset = algorithm_preset(self.algorithm) if self.algorithm is not None else {}
+        given = {"rho": self.rho, "momentum": self.momentum}
+        return {k: v if v is not None else preset.get(k, 0.0) for k, v in given.items()}
+
+    @property
+    def algorithm_name(self) -> str:
+        """The declared algorithm, or the name of what the keys run (dfedavg, dfedavgm, dfedsam)."""
+        u = self.local_update()
+        return self.algorithm or algorithm_name(u["rho"], u["momentum"])
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.lr, lr_decay=self.lr_decay, momentum=self.momentum,
-                           weight_decay=self.weight_decay, batch_size=self.batch_size,
-                           local_epochs=self.local_epochs, local_steps=self.local_steps, rho=self.rho)
+        return TrainConfig(lr=self.lr, lr_decay=self.lr_decay, weight_decay=self.weight_decay,
+                           batch_size=self.batch_size, local_epochs=self.local_epochs,
+                           local_steps=self.local_steps, **self.local_update())
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        """The scenario as run (presets resolved), one JSON-able value per key."""
+        values = {**dataclasses.asdict(self), **self.local_update()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -101,6 +125,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     args = typing.get_args(hint)
     if value is None and type(None) in args:
         return None
+    if key == "attackers" and isinstance(value, (list, tuple)):  # peer indices (else a fraction)
+        hint = tuple[int, ...]
     base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
     origin = typing.get_origin(base) or base
     if origin is tuple:

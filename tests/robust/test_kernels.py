@@ -29,7 +29,7 @@ def test_batcher_sorts_every_zero_one_input(n: int) -> None:
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 31, 32, 33, 64, 65])
 def test_selection_places_order_statistics(n: int) -> None:
     gen = torch.Generator().manual_seed(n)
-    cuts = {(lo, n - 1 - lo) for lo in range(0, (n + 1) // 2)} | {((n - 1) // 2, n // 2), (0, 0), (n - 1, n - 1)}
+    cuts = {(lo, n - 1 - lo) for lo in range((n + 1) // 2)} | {((n - 1) // 2, n // 2), (0, 0), (n - 1, n - 1)}
     for (lo, hi), exact in itertools.product(sorted(cuts), (False, True)):
         net = kernels.selection(n, lo, hi, exact)
         for _ in range(5):
@@ -51,7 +51,8 @@ def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force many chunks with a ragged last one."""
     monkeypatch.setattr(kernels, "_MIN_COLS", 1)
     monkeypatch.setattr(kernels, "_GRAM_CHUNK", {"cpu": 8 * 3})
-    monkeypatch.setattr(kernels, "_SORT_CHUNK", {"cpu": 7 * 4})
+    monkeypatch.setattr(kernels, "_SORT_COLS", {"cpu": 4})
+    monkeypatch.setattr(kernels, "_WEIGHT_CHUNK", {"cpu": 7 * 5})
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -85,7 +86,7 @@ def test_trimmed_sum_and_tie_shared_counts(chunked: bool, request: pytest.Fixtur
     gen = torch.Generator().manual_seed(2)
     for n in (1, 2, 5, 7, 10):
         x = torch.randint(-2, 3, (n, 37), generator=gen).float()  # heavy ties
-        for lo in range(0, (n + 1) // 2):
+        for lo in range((n + 1) // 2):
             hi = n - 1 - lo
             total, counts = kernels.trimmed_sum(x[0], x[1:], lo, hi, True)
             assert torch.equal(total, torch.sort(x, 0).values[lo : hi + 1].sum(0))

@@ -60,8 +60,9 @@ def test_krum_5x2_by_hand() -> None:
 def test_multi_krum_by_hand() -> None:
     # default m = n - f = 4: scores 2, 3, 3, 6 -> inputs 2, 0, 3, 1 -> mean of (0,1),(0,0),(1,1),(2,0)
     assert close(multi_krum(KRUM_X[0], KRUM_X[1:], f=1), [0.75, 0.5])
-    # m = 2: input 2 (score 2) and the lower index of the tie at 3, input 0
-    assert close(multi_krum(KRUM_X[0], KRUM_X[1:], f=1, m=2), [0.0, 0.5])
+    # m = 2: input 2 (score 2), then the tie at 3 between inputs 0 and 3 goes to the lower sum of squared
+    # distances to all others: 4+1+2+200 = 207 for (0,0), 2+2+1+162 = 167 for (1,1) -> input 3
+    assert close(multi_krum(KRUM_X[0], KRUM_X[1:], f=1, m=2), [0.5, 1.0])
     agg = aggregate("multi_krum", KRUM_X[0], KRUM_X[1:], f=1)
     assert close(agg.weights, [0.25, 0.25, 0.25, 0.25, 0.0])
 
@@ -99,9 +100,11 @@ def test_bulyan_by_hand() -> None:
     # n = 7, f = 1: theta = 5 by repeated Krum, then the beta = 3 values nearest the median.
     own, received = t([[0]])[0], t([[1], [2], [3], [4], [50], [-60]])
     # round 1 (k = 4): scores 30 15 10 15 30 ... -> value 2 (input 2)
-    # round 2 (k = 3) on 0 1 3 4 50 -60: 26 14 14 26 -> tie, lower index: value 1 (input 1)
+    # round 2 (k = 3) on 0 1 3 4 50 -60: 26 14 14 26 -> tie; sums of all squared distances 6136 < 6192:
+    #   value 1 (input 1)
     # round 3 (k = 2) on 0 3 4 50 -60: 25 10 17 -> value 3 (input 3)
-    # round 4 (k = 1) on 0 4 50 -60: 16 16 -> own (input 0); round 5 (k = 0): all 0 -> value 4 (input 4)
+    # round 4 (k = 1) on 0 4 50 -60: 16 16 -> tie; 6116 < 6228: own (input 0)
+    # round 5 (k = 0) on 4 50 -60: all 0 -> the smallest sum of squared distances: value 4 (input 4)
     # S = {2, 1, 3, 0, 4}, median 2, nearest three: 2, 1, 3 -> 2
     agg = aggregate("bulyan", own, received, f=1)
     assert close(agg.vector, [2.0])
@@ -128,12 +131,12 @@ def _bulyan_selection_by_hand(x: torch.Tensor, f: int) -> list[int]:
     remaining, chosen = list(range(x.shape[0])), []
     for _ in range(x.shape[0] - 2 * f):
         r = len(remaining)
-        best, best_score = -1, math.inf
-        for i in remaining:
+        best, best_key = -1, (math.inf, math.inf)
+        for i in remaining:  # Krum score, ties to the sum over all remaining, then to the lower index
             d2 = sorted(float(((x[i] - x[j]) ** 2).sum()) for j in remaining if j != i)
-            score = sum(d2[: max(r - f - 2, 0)])
-            if score < best_score:
-                best, best_score = i, score
+            key = (sum(d2[: max(r - f - 2, 0)]), sum(d2))
+            if key < best_key:
+                best, best_key = i, key
         chosen.append(best)
         remaining.remove(best)
     return chosen

@@ -1,0 +1,138 @@
+"""Throughput of one 40 MB model frame between two processes on loopback: our libp2p path
+(Libp2pTransport: encode + sign, Noise, yamux, exact reads into an aligned buffer, decode with
+digest/signature/finiteness checks) against a raw trio TCP socket moving the same bytes.
+
+    .venv/bin/python bench/transport.py [--mb 40] [--frames 3]
+
+Each side runs in its own process. One warm-up frame first (connection, hello, yamux window
+growth), then `frames` timed frames; the clock starts at the sender before the first timed frame
+and stops at the receiver once the last one is decoded (both read time.time() on one machine).
+Prints one JSON line: MB/s of both paths and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import trio
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+# -- raw TCP -----------------------------------------------------------------------------------------
+def tcp_receiver(q: Any, nbytes: int, frames: int) -> None:
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        q.put(listeners[0].socket.getsockname()[1])
+        stream = await listeners[0].accept()
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        for k in range(frames + 1):
+            n = 0
+            while n < nbytes:
+                n += await stream.receive_some_into(view[n:]) if hasattr(stream, "receive_some_into") else \
+                    _copy(view, n, await stream.receive_some(min(1 << 20, nbytes - n)))
+            if k == 0:
+                await stream.send_all(b"w")     # warm-up done
+        q.put(time.time())
+    trio.run(main)
+
+
+def _copy(view: memoryview, n: int, chunk: bytes) -> int:
+    view[n:n + len(chunk)] = chunk
+    return len(chunk)
+
+
+def tcp_sender(port: int, nbytes: int, frames: int, q: Any) -> None:
+    async def main() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        data = memoryview(np.ones(nbytes // 4, dtype=np.float32).view(np.uint8))
+        await stream.send_all(data)
+        await stream.receive_some(1)
+        q.put(time.time())
+        for _ in range(frames):
+            await stream.send_all(data)
+        await trio.sleep(1)
+    trio.run(main)
+
+
+# -- libp2p ----------------------------------------------------------------------------------------
+def _transport(i: int) -> Any:
+    from p2pfl.gossip.identity import Identity
+    from p2pfl.peers.libp2p import Hello, Libp2pTransport
+    return Libp2pTransport(Identity.generate(bytes([i + 1]) * 32), Hello(schema="bench", settings={}),
+                           outbox_frames=16, inbox_frames=16)
+
+
+def p2p_receiver(q: Any, nbytes: int, frames: int) -> None:
+    async def main() -> None:
+        async with _transport(0) as t:
+            q.put(t.listen_addrs()[0])
+            k = 0
+            async for _sender, frame in t.receive():
+                assert frame.payload.nbytes == nbytes
+                k += 1
+                if k == frames + 1:
+                    q.put(time.time())
+                    await trio.sleep(0.5)
+                    return
+    trio.run(main)
+
+
+def p2p_sender(addr: str, nbytes: int, frames: int, q: Any) -> None:
+    from p2pfl.gossip.codec import Frame
+
+    async def main() -> None:
+        async with _transport(1) as t:
+            peer, _ = await t.connect(addr)
+            payload = np.ones(nbytes // 4, dtype=np.float32)
+            await t.send(peer, Frame("model", t.local_id, 0, 0, "bench", "f32", payload))
+            await t.flush()
+            q.put(time.time())
+            for r in range(1, frames + 1):
+                await t.send(peer, Frame("model", t.local_id, r, 0, "bench", "f32", payload))
+            await t.flush()
+            await trio.sleep(1)
+    trio.run(main)
+
+
+def measure(recv: Any, send: Any, nbytes: int, frames: int) -> float:
+    ctx = mp.get_context(os.environ.get("BENCH_MP", "spawn"))
+    q_r, q_s = ctx.Queue(), ctx.Queue()
+    r = ctx.Process(target=recv, args=(q_r, nbytes, frames))
+    r.start()
+    try:
+        where = q_r.get(timeout=60)
+        s = ctx.Process(target=send, args=(where, nbytes, frames, q_s))
+        s.start()
+        t0 = q_s.get(timeout=120)
+        t1 = q_r.get(timeout=120)
+        s.join(30)
+    finally:
+        for p in (r, locals().get("s")):
+            if p is not None and p.is_alive():
+                p.kill()
+    return frames * nbytes / (t1 - t0) / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=40.0)
+    ap.add_argument("--frames", type=int, default=3)
+    a = ap.parse_args()
+    nbytes = int(a.mb * 1e6) // 4 * 4
+    tcp = measure(tcp_receiver, tcp_sender, nbytes, a.frames)
+    p2p = measure(p2p_receiver, p2p_sender, nbytes, a.frames)
+    print(json.dumps({"bench": "transport", "frame_mb": nbytes / 1e6, "frames": a.frames,
+                      "libp2p_MBps": round(p2p, 1), "tcp_MBps": round(tcp, 1), "ratio": round(p2p / tcp, 3)}))
+
+
+if __name__ == "__main__":
+    main()

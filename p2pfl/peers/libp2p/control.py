@@ -1,0 +1,124 @@
+"""The control protocol `/p2pfl/ctl/1`: hello (compatibility check, round, peer exchange) and link
+requests. Sans-IO: this module builds, parses and compares messages; the transport moves them.
+
+Theory of operation: a control exchange is one request and one reply on a fresh stream, each a u32
+big-endian length followed by a msgpack map (at most `MAX_CONTROL_BYTES`). The first exchange on a
+connection is `hello`: both sides send the same `Hello` (protocol version, model schema hash, a
+digest of the protocol settings that must agree, the settings themselves so a refusal can name the
+key that differs, current round, listen addresses, and the multiaddrs of peers they know: peer
+exchange). The responder refuses (`refused` set in its reply) when `incompatibility` finds a
+difference or the caller is not on its allowlist; the initiator runs the same comparison on the
+reply, so a mismatch is found and logged on both sides. Other message types (`link`, `unlink`)
+are requests the node answers. Decoding is strict: wrong types and unknown keys are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+
+from p2pfl.errors import Reject, RemoteProtocolError
+
+PROTOCOL_VERSION: Final = 1
+MAX_CONTROL_BYTES: Final = 256 * 1024
+MAX_ADDRS: Final = 64          # listen addresses in one hello
+MAX_PEERS: Final = 256         # peer-exchange entries in one hello
+_U32: Final = struct.Struct(">I")
+Scalar = str | int | float | bool | None
+
+
+def config_digest(settings: Mapping[str, Scalar]) -> str:
+    """A short stable hash of the settings that every peer of a federation must share."""
+    text = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Hello:
+    schema: str
+    settings: Mapping[str, Scalar]
+    round: int = 0
+    addrs: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    degree: int = 0
+    version: int = PROTOCOL_VERSION
+    refused: str | None = None
+    config: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.config:
+            object.__setattr__(self, "config", config_digest(self.settings))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "hello", "v": self.version, "schema": self.schema, "config": self.config,
+                "settings": dict(self.settings), "round": self.round, "addrs": list(self.addrs),
+                "peers": list(self.peers), "degree": self.degree, "refused": self.refused}
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any], peer: str | None = None) -> Hello:
+        def bad(what: str) -> RemoteProtocolError:
+            return RemoteProtocolError(Reject.BAD_HEADER, f"hello: {what}", peer)
+
+        if not isinstance(msg.get("v"), int):
+            raise bad("no protocol version")
+        if msg["v"] != PROTOCOL_VERSION:  # check first: a later version may change every other field
+            return cls(schema="", settings={}, version=msg["v"], config="?")
+        expected = {"t", "v", "schema", "config", "settings", "round", "addrs", "peers", "degree", "refused"}
+        if set(msg) != expected:
+            raise bad(f"fields {sorted(set(msg) ^ expected)} unexpected or missing")
+        strs = lambda v, n: isinstance(v, list) and len(v) <= n and all(isinstance(a, str) and len(a) < 512 for a in v)
+        settings = msg["settings"]
+        if not (isinstance(msg["schema"], str) and isinstance(msg["config"], str) and isinstance(settings, dict)
+                and all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
+                        for k, v in settings.items())
+                and type(msg["round"]) is int and msg["round"] >= 0 and type(msg["degree"]) is int
+                and strs(msg["addrs"], MAX_ADDRS) and strs(msg["peers"], MAX_PEERS)
+                and (msg["refused"] is None or isinstance(msg["refused"], str))):
+            raise bad("a field has the wrong type or size")
+        return cls(schema=msg["schema"], settings=settings, round=msg["round"], addrs=tuple(msg["addrs"]),
+                   peers=tuple(msg["peers"]), degree=msg["degree"], version=msg["v"], refused=msg["refused"],
+                   config=msg["config"])
+
+
+def incompatibility(ours: Hello, theirs: Hello) -> str | None:
+    """None if the two peers may federate, else a sentence naming the first difference."""
+    if theirs.version != ours.version:
+        return f"protocol version differs: ours {ours.version}, theirs {theirs.version}"
+    if theirs.schema != ours.schema:
+        return f"model schema differs: ours {ours.schema}, theirs {theirs.schema}"
+    if theirs.config != ours.config:
+        keys = sorted(set(ours.settings) | set(theirs.settings))
+        diff = [f"{k} ours {ours.settings.get(k)!r}, theirs {theirs.settings.get(k)!r}"
+                for k in keys if ours.settings.get(k) != theirs.settings.get(k)]
+        return "config differs: " + ("; ".join(diff) if diff else f"digest {ours.config} != {theirs.config}")
+    return None
+
+
+def pack(msg: Mapping[str, Any]) -> bytes:
+    body = msgpack.packb(dict(msg), use_bin_type=True)
+    if len(body) > MAX_CONTROL_BYTES:
+        raise ValueError(f"control message of {len(body)} bytes > {MAX_CONTROL_BYTES}")
+    return _U32.pack(len(body)) + body
+
+
+def body_length(prefix: bytes, peer: str | None = None) -> int:
+    (n,) = _U32.unpack(prefix)
+    if n > MAX_CONTROL_BYTES:
+        raise RemoteProtocolError(Reject.OVERSIZE, f"control message of {n} bytes", peer)
+    return n
+
+
+def unpack(body: bytes, peer: str | None = None) -> dict[str, Any]:
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises a zoo of exception types on garbage
+        raise RemoteProtocolError(Reject.BAD_MSGPACK, str(e)[:100], peer) from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+        raise RemoteProtocolError(Reject.BAD_HEADER, "control message is not a typed map", peer)
+    return msg

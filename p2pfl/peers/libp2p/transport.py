@@ -1,0 +1,470 @@
+"""`Libp2pTransport`: the `Transport` interface over py-libp2p (TCP, Noise only, yamux).
+
+Theory of operation
+-------------------
+Model frames travel on `/p2pfl/model/1`: one long-lived outbound stream per neighbour, owned by a
+writer task fed through a short queue (so a slow neighbour delays nobody else, and `send` returns
+at once). Each frame is the codec's own u32-length-prefixed frame; we never rely on EOF. The
+reader of an inbound stream loops: read the 4-byte prefix (waiting as long as it takes: a stream
+idles between rounds), refuse an oversize frame before reading its body, then read the rest into
+an aligned `frame_buffer` with a stall timeout on every read (a neighbour that stalls mid-frame
+gets its stream reset and counted), decode with `peer=` the stream's authenticated remote peer
+(so a forged "from" is refused), and hand the frame to a bounded inbox with `send_nowait`: the
+read side never waits on the consumer (yamux resets a writer whose reader does not read for 5 s);
+a full inbox drops the frame and counts it.
+
+Control (`/p2pfl/ctl/1`, see control.py) runs one request/reply per stream. A peer may open model
+streams only after its hello was accepted (version, schema, config digest, allowlist); anything
+else is reset and counted as NOT_ALLOWED, so frames from a refused or unlisted peer never reach
+the round loop. Verified peers' addresses are kept in the peerstore with ttl 0 (py-libp2p expires
+them after 120 s otherwise).
+
+This folder is the only place in p2pfl that imports libp2p.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from typing import Any
+
+import multiaddr  # type: ignore[import-untyped]
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
+from p2pfl.gossip import codec
+from p2pfl.gossip.codec import Frame
+from p2pfl.gossip.identity import Identity
+from p2pfl.peers.libp2p import control
+from p2pfl.peers.libp2p.control import Hello
+from p2pfl.peers.libp2p.host import EndOfStream, make_host, read_exact, widen_receive_window
+from p2pfl.peers.transport import TransportStats
+
+log = logging.getLogger(__name__)
+
+MODEL_PROTOCOL = TProtocol("/p2pfl/model/1")
+CONTROL_PROTOCOL = TProtocol("/p2pfl/ctl/1")
+_WRITE_CHUNK = 4 << 20        # bytes per stream.write: big writes amortise Noise/yamux per-call costs
+_OFFLOAD_BYTES = 1 << 20      # decode/encode frames above this size in a worker thread
+
+
+class HelloRefused(Exception):
+    """The remote peer refused us at hello, or we refused its reply; the text names the reason."""
+
+
+ControlHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class Libp2pTransport:
+    def __init__(self, identity: Identity, hello: Hello, *, listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+                 psk: str | None = None, allow: Collection[str] | None = None,
+                 max_frame_bytes: int = 1 << 30, inbox_frames: int = 16, outbox_frames: int = 2,
+                 stall_timeout_s: float = 10.0, write_timeout_s: float = 30.0, dial_timeout_s: float = 10.0,
+                 delay_s: float = 0.0) -> None:
+        """`hello`: our side of the hello (its round/peers/addrs are refreshed on every exchange).
+        `allow`: peer IDs that may talk to us (None: anyone compatible). `psk`: 64 hex chars of a
+        private-network key. `delay_s`: injected latency before every outbound frame (sim faults)."""
+        if psk is not None and (len(psk) != 64 or any(c not in "0123456789abcdefABCDEF" for c in psk)):
+            raise ConfigError("network key: expected 64 hex characters (a 32-byte pre-shared key)")
+        self.identity = identity
+        self.hello_template = hello
+        self.round = hello.round               # the node keeps these two current
+        self.degree = hello.degree
+        self.listen = [multiaddr.Multiaddr(a) for a in listen]
+        self.allow = frozenset(allow) if allow is not None else None
+        self.max_frame_bytes, self.stall_timeout_s = max_frame_bytes, stall_timeout_s
+        self.write_timeout_s, self.dial_timeout_s, self.delay_s = write_timeout_s, dial_timeout_s, delay_s
+        self.outbox_frames = outbox_frames
+        self.stats = TransportStats()
+        self.peers: dict[str, Hello] = {}      # accepted peers: their latest hello
+        self.refusals: dict[str, str] = {}     # peer -> why the last hello failed
+        self.on_hello: Callable[[str, Hello], None] = lambda peer, hello: None
+        self.on_control: ControlHandler | None = None
+        self.host = make_host(identity, psk=psk)
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[str, Frame]](inbox_frames)
+        self._outboxes: dict[str, trio.MemorySendChannel[list[bytes | memoryview]]] = {}
+        self._encoded: tuple[tuple[Any, ...], object, list[bytes | memoryview]] | None = None
+        self._stack = AsyncExitStack()
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+        self._activity = trio.Event()
+        self._pending = 0                      # frames queued or being written
+
+    async def flush(self) -> None:
+        """Wait until every queued frame was written or failed (bound it with a timeout)."""
+        await self.wait_until(lambda: self._pending == 0)
+
+    def _notify(self) -> None:
+        self._activity.set()
+        self._activity = trio.Event()
+
+    def _reject(self, reason: Reject) -> None:
+        self.stats.reject(reason)
+        self._notify()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait (no polling) until `predicate()` holds; it is re-checked whenever a frame, a
+        rejection, a send result or a hello is recorded. Bound it with trio.fail_after."""
+        while not predicate():
+            await self._activity.wait()
+
+    @property
+    def local_id(self) -> str:
+        return self.identity.peer_id
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def __aenter__(self) -> Libp2pTransport:
+        await self._stack.__aenter__()
+        try:
+            await self._stack.enter_async_context(self.host.run(listen_addrs=self.listen))
+            self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+            self._stack.callback(self._nursery.cancel_scope.cancel)
+            self.host.set_stream_handler(MODEL_PROTOCOL, self._model_handler)
+            self.host.set_stream_handler(CONTROL_PROTOCOL, self._control_handler)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for ch in self._outboxes.values():
+            ch.close()
+        await self._inbox_send.aclose()
+        await self._stack.aclose()   # no cancel scope around this: it exits the nursery we entered
+
+    def listen_addrs(self) -> list[str]:
+        """Every address we listen on, with /p2p/<our id>; a wildcard 0.0.0.0 is spelled out as
+        this machine's IPv4 addresses (loopback first), which others can dial."""
+        out: list[str] = []
+        for a in map(str, self.host.get_addrs()):
+            if a.startswith("/ip4/0.0.0.0/"):
+                out.extend(a.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in _local_ipv4())
+            else:
+                out.append(a)
+        return list(dict.fromkeys(out))
+
+    # -- control: hello, peer exchange, requests ---------------------------------------------------
+    def local_hello(self, exclude: str | None = None) -> Hello:
+        peers: list[str] = []
+        for pid, h in self.peers.items():
+            if pid != exclude:
+                peers.extend(a if "/p2p/" in a else f"{a}/p2p/{pid}" for a in h.addrs[:4])
+        return replace(self.hello_template, round=self.round, degree=self.degree, addrs=tuple(self.listen_addrs()),
+                       peers=tuple(peers[:control.MAX_PEERS]))
+
+    async def connect(self, addr: str) -> tuple[str, Hello]:
+        """Dial `addr` (a multiaddr ending in /p2p/<id>) and exchange hellos. Returns the remote
+        peer ID and its hello; raises HelloRefused, or OSError-like `ConnectionError` if unreachable."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as e:
+            raise ConfigError(f"bad peer address {addr!r}: {e} (expected /ip4/A/tcp/P/p2p/12D3KooW...)") from None
+        peer = str(info.peer_id)
+        if peer == self.local_id:
+            raise ConfigError(f"address {addr} is our own peer ID")
+        try:
+            with trio.fail_after(self.dial_timeout_s):
+                await self.host.connect(info)
+        except Exception as e:  # libp2p raises SwarmException and friends
+            raise ConnectionError(_reason(e)[:100]) from None
+        self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 0)
+        return peer, await self.hello(peer)
+
+    async def hello(self, peer: str) -> Hello:
+        """(Re-)exchange hellos with a connected or known peer; on success it is an accepted peer."""
+        ours = self.local_hello(exclude=peer)
+        try:
+            reply = await self.request(peer, ours.to_wire())
+            theirs = Hello.from_wire(reply, peer)
+        except RemoteProtocolError as e:
+            self._reject(e.reason)
+            raise HelloRefused(f"{peer}: bad hello reply: {e}") from None
+        problem = control.incompatibility(ours, theirs) or theirs.refused   # named from our side
+        if problem is None and self.allow is not None and peer not in self.allow:
+            self._reject(Reject.NOT_ALLOWED)
+            problem = "not on our allowlist"
+        if problem is not None:
+            self.peers.pop(peer, None)
+            self.refusals[peer] = problem
+            who = "refused us" if theirs.refused else "was refused"
+            log.warning("%s: hello with %s failed (%s): %s", self.local_id, peer, who, problem)
+            raise HelloRefused(f"peer {peer} {who}: {problem}")
+        self._accept(peer, theirs)
+        return theirs
+
+    async def request(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """One control request/reply on a fresh stream."""
+        stream = None
+        try:
+            with trio.fail_after(self.dial_timeout_s):
+                stream = await self.host.new_stream(ID.from_base58(peer), [CONTROL_PROTOCOL])
+                await stream.write(control.pack(msg))
+                reply = await _read_control(stream, peer)
+            await stream.close()
+            return reply
+        except RemoteProtocolError:
+            if stream is not None:
+                await stream.reset()
+            raise
+        except (Exception, trio.TooSlowError) as e:
+            if stream is not None:
+                await stream.reset()
+            raise ConnectionError(f"control request to {peer} failed: {_reason(e)}") from None
+
+    def _accept(self, peer: str, hello: Hello) -> None:
+        self.peers[peer] = hello
+        self.refusals.pop(peer, None)
+        addrs = []
+        for a in hello.addrs:
+            try:
+                m = multiaddr.Multiaddr(a)
+                addrs.append(m.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer}")) if "/p2p/" in a else m)
+            except Exception:
+                continue
+        if addrs:
+            self.host.get_peerstore().add_addrs(ID.from_base58(peer), addrs, 0)
+        self.on_hello(peer, hello)
+        self._notify()
+
+    async def _control_handler(self, stream: Any) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            with trio.fail_after(self.dial_timeout_s):
+                msg = await _read_control(stream, peer)
+                reply = await self._answer(peer, msg, stream)
+                await stream.write(control.pack(reply))
+            await stream.close()
+        except RemoteProtocolError as e:
+            self._reject(e.reason)
+            await stream.reset()
+        except (Exception, trio.TooSlowError) as e:
+            log.warning("%s: control stream from %s failed: %r", self.local_id, peer, e)
+            await stream.reset()
+        if peer in self.refusals and self.allow is not None and peer not in self.allow and self._nursery:
+            self._nursery.start_soon(self._disconnect, peer)
+
+    async def _answer(self, peer: str, msg: dict[str, Any], stream: Any) -> dict[str, Any]:
+        if msg["t"] == "hello":
+            theirs = Hello.from_wire(msg, peer)
+            ours = self.local_hello(exclude=peer)
+            if self.allow is not None and peer not in self.allow:
+                self._reject(Reject.NOT_ALLOWED)
+                problem: str | None = "not on the allowlist"
+            else:
+                problem = control.incompatibility(ours, theirs)
+            if problem is not None:
+                self.peers.pop(peer, None)
+                self.refusals[peer] = problem
+                log.warning("%s: refused hello from %s: %s", self.local_id, peer, problem)
+                return replace(ours, refused=problem).to_wire()
+            remote = stream.get_remote_address()   # a peer listening on 0.0.0.0 is reachable where it came from
+            if remote:
+                theirs = replace(theirs, addrs=tuple(a.replace("/ip4/0.0.0.0/", f"/ip4/{remote[0]}/")
+                                                     for a in theirs.addrs))
+            self._accept(peer, theirs)
+            return ours.to_wire()
+        if peer not in self.peers:
+            self._reject(Reject.NOT_ALLOWED)
+            return {"t": "error", "error": "say hello first"}
+        if self.on_control is None:
+            return {"t": "error", "error": f"unknown request {msg['t']!r}"}
+        return await self.on_control(peer, msg)
+
+    async def _disconnect(self, peer: str) -> None:
+        with trio.move_on_after(self.dial_timeout_s):
+            try:
+                await self.host.disconnect(ID.from_base58(peer))
+            except Exception as e:
+                log.debug("%s: disconnect %s: %s", self.local_id, peer, _reason(e))
+
+    async def disconnect(self, peer: str) -> None:
+        self.peers.pop(peer, None)
+        await self._disconnect(peer)
+
+    # -- model frames: send ------------------------------------------------------------------------
+    async def send(self, peer: str, frame: Frame) -> bool:
+        if self._closed or peer not in self.peers or self._nursery is None:
+            self.stats.send_failures += 1
+            return False
+        buffers = await self._encode(frame)
+        outbox = self._outboxes.get(peer)
+        if outbox is None:
+            outbox, rx = trio.open_memory_channel[list[bytes | memoryview]](self.outbox_frames)
+            self._outboxes[peer] = outbox
+            self._nursery.start_soon(self._writer, peer, rx)
+        try:
+            outbox.send_nowait(buffers)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self.stats.send_failures += 1
+            return False
+        self._pending += 1
+        return True
+
+    async def _encode(self, frame: Frame) -> list[bytes | memoryview]:
+        """Encode (digest + signature) once per vector: a peer sends the same frame to every
+        neighbour. The cache holds the payload array, so its address cannot be reused meanwhile."""
+        p = frame.payload
+        key = (p.__array_interface__["data"][0], p.nbytes, p.dtype.str, frame.kind, frame.round, frame.step,
+               frame.schema)
+        if self._encoded is not None and self._encoded[0] == key:
+            return self._encoded[2]
+
+        def enc() -> list[bytes | memoryview]:
+            return codec.encode(self.identity, kind=frame.kind, round=frame.round, step=frame.step,
+                                schema=frame.schema, payload=p)
+
+        buffers = await trio.to_thread.run_sync(enc) if p.nbytes > _OFFLOAD_BYTES else enc()
+        self._encoded = (key, p, buffers)
+        return buffers
+
+    async def _writer(self, peer: str, frames: trio.MemoryReceiveChannel[list[bytes | memoryview]]) -> None:
+        stream = None
+        async with frames:
+            async for buffers in frames:
+                size = sum(memoryview(b).nbytes for b in buffers)
+                try:
+                    if self.delay_s:
+                        await trio.sleep(self.delay_s)
+                    if stream is None:
+                        with trio.fail_after(self.dial_timeout_s):
+                            stream = await self.host.new_stream(ID.from_base58(peer), [MODEL_PROTOCOL])
+                    for buf in buffers:
+                        view = memoryview(buf).cast("B")
+                        for off in range(0, view.nbytes, _WRITE_CHUNK):
+                            with trio.fail_after(self.write_timeout_s):
+                                await stream.write(view[off:off + _WRITE_CHUNK])
+                except (Exception, trio.TooSlowError) as e:
+                    self.stats.send_failures += 1
+                    self._notify()
+                    log.info("%s: frame to %s not sent: %s", self.local_id, peer, _reason(e))
+                    if stream is not None:
+                        with trio.move_on_after(1):
+                            await stream.reset()
+                    stream = None
+                    self._pending -= 1
+                    continue
+                self._pending -= 1
+                self.stats.frames_sent += 1
+                self.stats.bytes_sent += size
+                self._notify()
+        if stream is not None:
+            with trio.move_on_after(1):
+                await stream.close()
+
+    # -- model frames: receive ---------------------------------------------------------------------
+    async def _model_handler(self, stream: Any) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        if peer not in self.peers:
+            self._reject(Reject.NOT_ALLOWED)
+            log.warning("%s: model stream from %s before an accepted hello: reset", self.local_id, peer)
+            await stream.reset()
+            return
+        try:
+            await widen_receive_window(stream)
+            while True:
+                frame = await self._read_frame(stream, peer)
+                if frame is None:
+                    continue
+                try:
+                    self._inbox_send.send_nowait((peer, frame))
+                except trio.WouldBlock:
+                    self._reject(Reject.BUFFER_FULL)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+        except _StreamDone as e:
+            if e.reason is not None:
+                self._reject(e.reason)
+                log.warning("%s: model stream from %s reset: %s", self.local_id, peer, e.reason.value)
+                with trio.move_on_after(1):
+                    await stream.reset()
+            return
+        with trio.move_on_after(1):
+            await stream.reset()
+
+    async def _read_frame(self, stream: Any, peer: str) -> Frame | None:
+        """One frame off the stream; None if it was read whole but refused (the stream stays in
+        sync). Raises _StreamDone when the stream cannot go on."""
+        prefix = bytearray(codec.FRAME_PREFIX_BYTES)
+        view = memoryview(prefix)
+        started = False
+        try:
+            await read_exact(stream, view[:1], None)                 # idle between frames: wait
+            started = True
+            await read_exact(stream, view[1:4], self.stall_timeout_s)
+            total = codec.read_frame_length(view[:4], self.max_frame_bytes, peer=peer)
+            await read_exact(stream, view[4:8], self.stall_timeout_s)
+            buf = codec.frame_buffer(prefix, max_frame_bytes=self.max_frame_bytes, peer=peer)
+            await read_exact(stream, buf[codec.FRAME_PREFIX_BYTES:], self.stall_timeout_s)
+        except RemoteProtocolError as e:  # oversize or impossible lengths: cannot resync, reset
+            raise _StreamDone(e.reason) from None
+        except trio.TooSlowError:
+            raise _StreamDone(Reject.STALLED) from None
+        except EndOfStream:
+            raise _StreamDone(Reject.TRUNCATED if started else None) from None
+        self.stats.bytes_received += codec.LENGTH_PREFIX_BYTES + total
+
+        def dec() -> Frame:
+            return codec.decode(buf, schema=self.hello_template.schema, max_frame_bytes=self.max_frame_bytes,
+                                peer=peer)
+        try:
+            frame = await trio.to_thread.run_sync(dec) if total > _OFFLOAD_BYTES else dec()
+        except RemoteProtocolError as e:
+            self._reject(e.reason)
+            log.warning("%s: %s", self.local_id, e)
+            return None
+        self.stats.frames_received += 1
+        self._notify()
+        return frame
+
+    async def receive(self) -> AsyncIterator[tuple[str, Frame]]:
+        try:
+            async for item in self._inbox:
+                yield item
+        except trio.ClosedResourceError:
+            return
+
+
+class _StreamDone(Exception):
+    def __init__(self, reason: Reject | None) -> None:
+        self.reason = reason
+
+
+def _local_ipv4() -> list[str]:
+    ips = ["127.0.0.1"]
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+        ips += [str(info[4][0]) for info in infos]
+    except OSError:
+        pass
+    return list(dict.fromkeys(ips))
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    cause = e.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f": {cause}"
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+async def _read_control(stream: Any, peer: str) -> dict[str, Any]:
+    prefix = bytearray(4)
+    await read_exact(stream, memoryview(prefix), None)
+    body = bytearray(control.body_length(bytes(prefix), peer))
+    await read_exact(stream, memoryview(body), None)
+    return control.unpack(bytes(body), peer)
+
+
+__all__ = ["CONTROL_PROTOCOL", "MODEL_PROTOCOL", "HelloRefused", "Libp2pTransport"]

@@ -1,0 +1,345 @@
+"""The process-level runner behind `p2pfl peer`: one Peer over libp2p, with membership.
+
+Theory of operation
+-------------------
+`Node` owns a `Libp2pTransport`, a `Peer`, and three background jobs:
+- bootstrap: dial each `--bootstrap` address until it answers (exponential backoff; the first
+  failure is reported in one line, the rest quietly); a hello that is refused is final.
+- membership: every accepted hello (ours or theirs) brings the other side's known peers (peer
+  exchange); we dial those we do not know yet, and every `refresh_s` we re-hello the neighbours
+  (to learn their round and notice restarts) and redial wanted ones that are gone.
+- neighbour selection: with `--neighbors` the set is fixed; otherwise we ask known peers for a
+  link (`link` control request) until we have `degree`, in an order both sides agree on (a hash
+  of the pair and the seed), and accept up to degree + 2 incoming requests.
+The round loop runs `peer.train(1)` per round. Before each round it applies neighbour changes
+(a neighbour that missed `suspect_after` rounds in a row is set aside until it says hello again),
+jumps ahead when a neighbour is further on (a late joiner or a restarted peer catches up), then
+trains, logs the round event and writes the checkpoint. SIGTERM/SIGINT cancels the round in
+progress; the node rewrites the checkpoint of the last completed round, closes its streams and
+returns 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trio
+
+from p2pfl.errors import ConfigError
+from p2pfl.gossip.identity import Identity
+from p2pfl.learn.datasets import load_dataset
+from p2pfl.learn.models import ParamLayout, make_model
+from p2pfl.peers import checkpoint
+from p2pfl.peers.libp2p import Hello, HelloRefused, Libp2pTransport
+from p2pfl.peers.peer import Peer, PeerConfig
+from p2pfl.peers.settings import PeerSettings
+from p2pfl.sim.partition import partition
+from p2pfl.sim.results import MetricsLog, write_json
+
+log = logging.getLogger(__name__)
+
+SUSPECT_AFTER = 3        # rounds missed in a row before a neighbour is set aside
+REFRESH_S = 5.0          # re-hello period
+BACKOFF_MAX_S = 30.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but torch.cuda.is_available() is False")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_identity(s: PeerSettings) -> Identity:
+    if s.resume and s.key is None and (Path(s.resume) / "peer.key").exists():
+        return Identity.load(Path(s.resume) / "peer.key")
+    if s.key is not None and Path(s.key).exists():
+        return Identity.load(s.key)
+    ident = Identity.generate()
+    path = Path(s.key) if s.key is not None else Path(s.out) / "peer.key"
+    if path.exists():
+        return Identity.load(path)
+    ident.save(path)
+    return ident
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+
+
+def _peer_of(addr: str) -> str:
+    return addr.rsplit("/p2p/", 1)[1] if "/p2p/" in addr else addr
+
+
+class Node:
+    def __init__(self, s: PeerSettings, report: Callable[[str], None] = print) -> None:
+        self.s, self.report = s, report
+        self.out = Path(s.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(s.device)
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        self.identity = load_identity(s)
+        i, n = s.shard_index()
+        rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
+        data = load_dataset(s.dataset, seed=s.seed)
+        shard = partition(data.y_train, n, s.partition, rng)[i]
+        to = lambda a: torch.from_numpy(np.array(a)).to(self.device)   # copy: cached arrays are read-only
+        train = (to(data.x_train[shard]), to(data.y_train[shard]))
+        test = (to(data.x_test), to(data.y_test))
+        model = make_model(s.model, data.input_shape, data.num_classes, hidden=s.hidden, seed=s.seed).to(self.device)
+        self.schema = ParamLayout.of(model).schema
+        psk = _read_lines(s.network_key, "network key")[0] if s.network_key else None
+        allow = set(_read_lines(s.allow, "allowlist")) if s.allow else None
+        self.transport = Libp2pTransport(self.identity, Hello(schema=self.schema, settings=s.protocol_settings()),
+                                         listen=s.listen, psk=psk, allow=allow, delay_s=s.delay_ms / 1000)
+        config = PeerConfig(train=s.train_config(), gossip_steps=s.gossip_steps, aggregator=s.aggregator, f=s.f,
+                            step_timeout_s=s.step_timeout, eval_every=s.eval_every, seed=s.seed * 100_003 + i)
+        self.peer = Peer(model, train, transport=self.transport, neighbors={}, config=config, test_data=test,
+                         offload=True)
+        self.peer.on_event = self._on_round
+        self.resumed_from: int | None = None
+        if s.resume:
+            ck = checkpoint.load(s.resume, map_location=self.device)
+            if ck.peer_id != self.identity.peer_id or ck.schema != self.schema:
+                raise ConfigError(f"resume: {s.resume} holds a checkpoint of another peer or model")
+            ck.apply(self.peer.trainer)
+            if hasattr(self.peer, "flat"):
+                self.peer.vector = self.peer.flat.get()   # x_i after the checkpointed round
+            self.peer.round = self.resumed_from = ck.round
+        self._last_snapshot: bytes | None = None
+        self.explicit = {_peer_of(a) for a in s.neighbors}
+        self.links: set[str] = set(self.explicit)
+        self.misses: Counter[str] = Counter()
+        self.dialing: set[str] = set()
+        self.stopping = False
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.events: list[dict[str, Any]] = []
+        self.first_round = self.peer.round
+        self._train_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self.transport.on_hello = self._on_hello
+        self.transport.on_control = self._on_control
+
+    # -- entry point ------------------------------------------------------------------------------
+    async def main(self) -> dict[str, Any]:
+        wall = time.perf_counter()
+        async with self.transport:
+            for addr in self.transport.listen_addrs():
+                self.report(f"listening on {addr}")
+            self.metrics.write({"kind": "start", "round": self.peer.round, "peer": self.identity.peer_id,
+                                "resumed_from": self.resumed_from, "addrs": self.transport.listen_addrs()})
+            self.metrics.flush()
+            async with self.peer, trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._signals)
+                nursery.start_soon(self._maintain)
+                for addr in (*self.s.bootstrap, *(a for a in self.s.neighbors if "/p2p/" in a)):
+                    nursery.start_soon(self._bootstrap, addr)
+                with trio.CancelScope() as self._train_scope:
+                    await self._wait_start()
+                    await self._rounds()
+                if not self.stopping:
+                    with trio.move_on_after(10):
+                        await self.transport.flush()
+                nursery.cancel_scope.cancel()
+        if self._last_snapshot is not None:
+            checkpoint.write(self.out, self._last_snapshot)
+        summary = self._summary(time.perf_counter() - wall)
+        write_json(self.out / "summary.json", summary)
+        self.metrics.close()
+        return summary
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                self.report(f"{signal.Signals(signum).name}: stopping after writing the checkpoint")
+                self.stopping = True
+                if self._train_scope is not None:
+                    self._train_scope.cancel()
+                return
+
+    # -- rounds -----------------------------------------------------------------------------------
+    async def _wait_start(self) -> None:
+        with trio.move_on_after(self.s.start_timeout):
+            await self.transport.wait_until(lambda: len(self._active()) >= self.s.min_neighbors)
+        if len(self._active()) < self.s.min_neighbors:
+            self.report(f"start timeout: starting with {len(self._active())} neighbour(s)")
+
+    async def _rounds(self) -> None:
+        while self.peer.round < self.s.rounds:
+            self._apply_neighbors()
+            target = max([self.peer.tracker.peer_round(p) for p in self.peer.tracker.neighbors] +
+                         [self.transport.peers[p].round for p in self.peer.tracker.neighbors
+                          if p in self.transport.peers] + [self.peer.round])
+            target = min(target, self.s.rounds - 1)
+            if target > self.peer.round:
+                self.report(f"catching up: round {self.peer.round} -> {target}")
+                self.metrics.write({"kind": "catch_up", "round": target, "from": self.peer.round,
+                                    "peer": self.identity.peer_id})
+                self.peer.round = target
+            self.transport.round = self.peer.round
+            await self.peer.train(1)
+            self.transport.round = self.peer.round
+            self._last_snapshot = checkpoint.snapshot(self.peer.trainer, round=self.peer.round,
+                                                      peer_id=self.identity.peer_id, schema=self.schema)
+            await trio.to_thread.run_sync(checkpoint.write, self.out, self._last_snapshot)
+
+    def _on_round(self, event: dict[str, Any]) -> None:
+        event = {**event, "neighbors": len(self.peer.tracker.neighbors)}
+        self.events.append(event)
+        self.metrics.write(event)
+        self.metrics.flush()
+        for p in self.peer.tracker.neighbors:
+            self.misses[p] = self.misses[p] + 1 if p in event["missing"] else 0
+        acc = f", accuracy {event['accuracy']:.3f}" if "accuracy" in event else ""
+        log.info("round %d done: %d received%s", event["round"], event["received"], acc)
+
+    def _active(self) -> set[str]:
+        return {p for p in self.links if p in self.transport.peers and self.misses[p] < SUSPECT_AFTER}
+
+    def _apply_neighbors(self) -> None:
+        active = self._active()
+        for p in [p for p in self.links - active if self.misses[p] >= SUSPECT_AFTER and p not in self.explicit]:
+            self.links.discard(p)      # a picked neighbour that went quiet is replaced; it may come back
+        if active != set(self.peer.tracker.neighbors):
+            log.info("neighbours: %s", sorted(active))
+            self.peer.set_neighbors({p: None for p in sorted(active)})
+            self.transport.degree = len(active)
+
+    # -- membership ---------------------------------------------------------------------------------
+    def _on_hello(self, peer: str, hello: Hello) -> None:
+        self.misses[peer] = 0          # it is alive (again)
+        if self._nursery is None:
+            return
+        for addr in hello.peers:
+            other = _peer_of(addr)
+            if other == self.identity.peer_id or other in self.transport.peers or other in self.dialing:
+                continue
+            if self.explicit and other not in self.explicit:
+                continue
+            self.dialing.add(other)
+            self._nursery.start_soon(self._dial_once, addr, other)
+        if not self.explicit and peer not in self.links and len(self.links) < self.s.degree:
+            self._nursery.start_soon(self._ask_link, peer)
+        if self.peer.round == self.first_round and self._train_scope is not None and self.peer.tracker.current[0] < 0:
+            self._apply_neighbors()    # before round 0, neighbours join at once
+
+    async def _dial_once(self, addr: str, peer: str) -> None:
+        try:
+            await self.transport.connect(addr)
+        except (ConnectionError, HelloRefused, ConfigError) as e:
+            log.debug("peer exchange: %s: %s", addr, e)
+        finally:
+            self.dialing.discard(peer)
+
+    async def _bootstrap(self, addr: str) -> None:
+        delay, reported = 1.0, False
+        while True:
+            try:
+                await self.transport.connect(addr)
+                if reported:
+                    self.report(f"bootstrap {addr}: connected")
+                return
+            except HelloRefused as e:
+                self.report(f"bootstrap {addr}: refused: {e}")
+                return
+            except ConfigError as e:
+                self.report(f"bootstrap {addr}: {e}")
+                return
+            except ConnectionError as e:
+                if not reported:
+                    self.report(f"bootstrap {addr}: unreachable ({e}); retrying with backoff up to "
+                                f"{BACKOFF_MAX_S:.0f} s")
+                    reported = True
+            await trio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _maintain(self) -> None:
+        while True:
+            await trio.sleep(REFRESH_S)
+            for p in sorted(self.links):
+                try:
+                    await self.transport.hello(p)
+                except (ConnectionError, HelloRefused) as e:
+                    log.debug("refresh %s: %s", p, e)
+            if not self.explicit and len(self.links) < self.s.degree:
+                for p in self._candidates():
+                    if len(self.links) >= self.s.degree:
+                        break
+                    await self._ask_link(p)
+
+    def _candidates(self) -> list[str]:
+        me = self.identity.peer_id
+
+        def rank(p: str) -> bytes:
+            pair = "|".join(sorted((me, p)))
+            return hashlib.blake2b(f"{self.s.seed}|{pair}".encode(), digest_size=8).digest()
+        return sorted((p for p in self.transport.peers if p not in self.links and self.misses[p] < SUSPECT_AFTER),
+                      key=rank)
+
+    async def _ask_link(self, peer: str) -> None:
+        if peer in self.links or len(self.links) >= self.s.degree:
+            return
+        try:
+            reply = await self.transport.request(peer, {"t": "link"})
+        except Exception as e:
+            log.debug("link %s: %s", peer, e)
+            return
+        if reply.get("ok") is True:
+            self.links.add(peer)
+            if self.peer.tracker.current[0] < 0:
+                self._apply_neighbors()
+
+    async def _on_control(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        if msg["t"] == "link":
+            ok = not self.explicit and (peer in self.links or len(self.links) < self.s.degree + 2)
+            if ok:
+                self.links.add(peer)
+                self.misses[peer] = 0
+                if self.peer.tracker.current[0] < 0:
+                    self._apply_neighbors()
+            return {"t": "link", "ok": ok}
+        return {"t": "error", "error": f"unknown request {msg['t']!r}"}
+
+    # -- summary ------------------------------------------------------------------------------------
+    def _summary(self, wall_s: float) -> dict[str, Any]:
+        s = self.s
+        accs = [e["accuracy"] for e in self.events if "accuracy" in e]
+        last = accs[-1] if accs else None
+        i, n = s.shard_index()
+        rejected = dict(self.peer.rejected + self.transport.stats.rejected)
+        return {
+            "name": f"peer-{i}", "peer_id": self.identity.peer_id, "shard": s.shard, "peers": n,
+            "rounds": s.rounds, "rounds_done": self.peer.round, "rounds_run": len(self.events),
+            "first_round": self.first_round, "resumed_from": self.resumed_from, "stopped": self.stopping,
+            "seed": s.seed, "topology": "explicit" if self.explicit else f"degree:{s.degree}",
+            "dataset": s.dataset, "partition": s.partition, "aggregator": s.aggregator,
+            "accuracy": last,
+            "honest_accuracy": {"mean": last, "min": last, "max": last},
+            "bytes_sent": self.transport.stats.bytes_sent, "bytes_received": self.transport.stats.bytes_received,
+            "frames_sent": self.transport.stats.frames_sent, "frames_received": self.transport.stats.frames_received,
+            "send_failures": self.transport.stats.send_failures,
+            "wall_s": wall_s, "peer_rounds_per_s": len(self.events) / wall_s if wall_s > 0 else math.nan,
+            "rejected": rejected, "neighbors": sorted(self.peer.tracker.neighbors), "device": str(self.device),
+        }
+
+
+def run(s: PeerSettings, report: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build the node (ConfigError before any socket opens) and run it to the end or a signal."""
+    node = Node(s, report)
+    return trio.run(node.main)

@@ -1,0 +1,152 @@
+"""`PeerSettings`: everything `p2pfl peer` needs, from a TOML file and command-line flags.
+
+Theory of operation: one flat frozen dataclass; each field is a TOML key of the same name (and a
+flag with dashes: `min_neighbors` <-> `--min-neighbors`). Precedence: defaults < `--config` file <
+flags. Loading is strict (unknown key, wrong type, bad value -> ConfigError naming the key), and
+happens before any socket is opened. Training defaults are the simulator's (`Scenario`), so a peer
+started with `--shard i/N --seed S` trains on exactly the shard the simulator gives peer i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from p2pfl.errors import ConfigError
+from p2pfl.learn.train import TrainConfig
+from p2pfl.robust import RULES
+from p2pfl.sim.partition import parse_partition
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    out: str = "peer-out"               # metrics.jsonl, summary.json, checkpoint.pt, peer.key
+    key: str | None = None              # identity file; missing -> generated and saved as <out>/peer.key
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    neighbors: tuple[str, ...] = ()     # explicit neighbours (peer IDs or multiaddrs); else pick `degree`
+    degree: int = 4
+    min_neighbors: int = 1
+    start_timeout: float = 60.0         # start round 0 after this long even without min_neighbors
+    rounds: int = 30
+    resume: str | None = None           # a folder holding checkpoint.pt
+    network_key: str | None = None      # file with a 64-hex-char pre-shared key (libp2p pnet)
+    allow: str | None = None            # file: one allowed peer ID a line
+    device: str = "auto"
+    threads: int = 0                    # torch intra-op threads; 0 = torch's default
+    delay_ms: float = 0.0               # injected delay before each outbound frame (fault injection)
+    # data and model (same meaning as in a scenario)
+    dataset: str = "digits"
+    shard: str = "0/1"                  # i/N: the i-th of N shards
+    partition: str = "dirichlet:0.5"
+    seed: int = 0
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (64,)
+    # training and gossip
+    lr: float = 0.2
+    lr_decay: float = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    local_epochs: float = 2.0
+    local_steps: int | None = None
+    rho: float = 0.0
+    gossip_steps: int = 1
+    aggregator: str = "mixing"
+    f: int = 0
+    step_timeout: float = 30.0
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        self.shard_index()
+        parse_partition(self.partition)
+        if self.device not in DEVICES:
+            raise ConfigError(f"device: unknown value {self.device!r}; allowed: {', '.join(DEVICES)}")
+        if self.aggregator not in RULES:
+            raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; allowed: {', '.join(sorted(RULES))}")
+        for key in ("degree", "rounds", "gossip_steps", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("min_neighbors", "threads", "f"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("start_timeout", "step_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.delay_ms < 0:
+            raise ConfigError(f"delay_ms: must be >= 0, got {self.delay_ms}")
+        self.train_config()
+
+    def shard_index(self) -> tuple[int, int]:
+        try:
+            i, n = (int(v) for v in self.shard.split("/"))
+        except ValueError:
+            raise ConfigError(f"shard: expected i/N (e.g. 0/4), got {self.shard!r}") from None
+        if not 0 <= i < n:
+            raise ConfigError(f"shard: need 0 <= i < N, got {self.shard!r}")
+        return i, n
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(lr=self.lr, lr_decay=self.lr_decay, momentum=self.momentum,
+                           weight_decay=self.weight_decay, batch_size=self.batch_size,
+                           local_epochs=self.local_epochs, local_steps=self.local_steps, rho=self.rho)
+
+    def protocol_settings(self) -> dict[str, Any]:
+        """What every peer of one federation must agree on (hashed into the hello's config digest)."""
+        return {"dataset": self.dataset, "model": self.model, "gossip_steps": self.gossip_steps,
+                "aggregator": self.aggregator, "f": self.f}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    hint = typing.get_type_hints(PeerSettings)[key]
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    origin = typing.get_origin(base) or base
+    if origin is tuple:
+        item = typing.get_args(base)[0]
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) and not isinstance(v, bool)
+                                                           for v in value):
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
+        return tuple(value)
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, Path) and origin is str:
+        return str(value)
+    if isinstance(value, bool) != (origin is bool) or not isinstance(value, origin):
+        raise ConfigError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+    return value
+
+
+def load(config: str | Path | None, overrides: dict[str, Any]) -> PeerSettings:
+    """Defaults < the TOML file `config` < `overrides` (None values are 'not given')."""
+    values: dict[str, Any] = {}
+    if config is not None:
+        try:
+            values = tomllib.loads(Path(config).read_text())
+        except OSError as e:
+            raise ConfigError(f"config file {config}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {config}: not valid TOML: {e}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    known = {f.name for f in dataclasses.fields(PeerSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{config or 'peer settings'}: unknown key {unknown[0]!r}; allowed keys: "
+                          f"{', '.join(sorted(known))}")
+    return PeerSettings(**{k: _coerce(k, v) for k, v in values.items()})

@@ -1,0 +1,416 @@
+"""Byzantine peers: `AttackerPeer` runs the normal round loop but sends crafted vectors.
+
+Theory of operation. An attacker is a `Peer` (same transport, tracker, deadlines and events) that overrides
+three hooks: `prepare_step` (wait for what it needs and craft this step's vectors), `outgoing` (hand out
+the crafted vector per neighbour, or None: `silent`) and `_aggregate` (attackers that neither train nor
+need a model skip the work). The crafting math is in `p2pfl.robust.attacks`.
+
+What an attacker knows:
+- omniscient (the in-process engine): a `Knowledge` object with the whole graph, the mixing weights, who is
+  Byzantine, and a shared `Board` on which every honest peer (an `ObservedPeer`) posts the vector it sends
+  at (t, q). The attacker waits (up to its step deadline) until the honest vectors of its targets'
+  neighbourhoods for the same (t, q) are posted: a rushing adversary, as in the literature.
+- local (no `Knowledge`, e.g. a real `p2pfl peer --attack`): the attacker only sees the frames its own
+  neighbours send it; its transport is wrapped so that each received vector is posted to a private
+  `Board`. A target's neighbourhood is approximated by the attacker's own honest neighbours, and its
+  Byzantine neighbours by the attacker itself plus the `colluders` it was told about.
+Honest peers never wait for an attacker except through their normal step deadline, so there is no
+deadlock: honest vectors of step s depend only on step s - 1 being over.
+
+The engine asks `Cast.peer(i, ...)` for peer i: a plain `Peer` when there are no attackers, else an
+`ObservedPeer` or an `AttackerPeer`. Attacker selection (`choose_attackers`) derives from the scenario
+seed through its own RNG stream, so data, graph and initial model do not change with the attack, and
+the attackers of a smaller fraction are a subset of those of a larger one (same seed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import trio
+from torch import nn
+
+from p2pfl.errors import ConfigError
+from p2pfl.gossip.codec import Frame
+from p2pfl.learn.train import TrainStats
+from p2pfl.peers.peer import Peer, PeerConfig
+from p2pfl.peers.transport import Transport, TransportStats
+from p2pfl.robust import attacks as craft
+
+log = logging.getLogger(__name__)
+
+TRAINING = ("sign_flip", "label_flip")              # attackers that run local training
+AGGREGATING = ("sign_flip", "label_flip", "free_rider")  # attackers whose own model matters
+NEIGHBORHOOD = ("alie", "ipm", "dissensus")         # craft from the target's honest neighbourhood
+
+
+def choose_attackers(attackers: float | Sequence[int], peers: int, seed: int) -> list[int]:
+    """The Byzantine peer indices: an explicit list, or round(fraction * peers) drawn with `seed`."""
+    if isinstance(attackers, (list, tuple)):
+        bad = [a for a in attackers if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < peers]
+        if bad:
+            raise ConfigError(f"attackers: peer indices must be integers in [0, {peers}), got {bad[0]!r}")
+        if len(set(attackers)) != len(attackers):
+            raise ConfigError(f"attackers: duplicate peer index in {list(attackers)}")
+        if len(attackers) >= peers:
+            raise ConfigError(f"attackers: at least one peer must be honest, got all {peers}")
+        return sorted(attackers)
+    if isinstance(attackers, bool) or not isinstance(attackers, (int, float)) or not 0 <= attackers < 1:
+        raise ConfigError(f"attackers: a fraction must be in [0, 1), got {attackers!r} "
+                          "(or give a list of peer indices, e.g. [1, 5])")
+    k = min(peers - 1, round(attackers * peers))
+    perm = np.random.default_rng([seed, 0xB12A]).permutation(peers)  # own stream: nested across fractions
+    return sorted(int(i) for i in perm[:k])
+
+
+# --------------------------------------------------------------------------------------- knowledge
+
+
+class Board:
+    """Vectors by (step index, peer ID): what honest peers sent, readable by attackers.
+
+    Only the `wanted` peers' vectors are kept (None: all), and only for the last `keep_steps` step
+    indices, so memory stays bounded however long the run."""
+
+    def __init__(self, steps_per_round: int, wanted: Iterable[str] | None = None, keep_steps: int = 8) -> None:
+        self.steps_per_round = steps_per_round
+        self.wanted = None if wanted is None else frozenset(wanted)
+        self.keep_steps = keep_steps
+        self._steps: dict[int, dict[str, torch.Tensor]] = {}
+        self._newest = -1
+        self._changed = trio.Event()
+
+    def post(self, peer: str, t: int, q: int, x: torch.Tensor) -> None:
+        if self.wanted is not None and peer not in self.wanted:
+            return
+        idx = t * self.steps_per_round + q
+        if idx < self._newest - self.keep_steps:
+            return
+        self._steps.setdefault(idx, {})[peer] = x
+        if idx > self._newest:
+            self._newest = idx
+            for old in [i for i in self._steps if i < idx - self.keep_steps]:
+                del self._steps[old]
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def peek(self, t: int, q: int, peers: Iterable[str]) -> dict[str, torch.Tensor]:
+        have = self._steps.get(t * self.steps_per_round + q, {})
+        return {p: have[p] for p in peers if p in have}
+
+    async def gather(self, t: int, q: int, peers: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Wait until every one of `peers` posted step (t, q); the caller bounds the wait."""
+        wanted = list(peers)
+        while True:
+            changed = self._changed
+            got = self.peek(t, q, wanted)
+            if len(got) == len(wanted):
+                return got
+            await changed.wait()
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """What an omniscient attacker knows: the graph, the weights each peer mixes with, the attackers,
+    and the board where honest peers post their vectors."""
+
+    board: Board
+    order: Sequence[str]                          # peer IDs by peer index
+    neighbors: Mapping[str, Sequence[str]]        # each peer's neighbours
+    weights: Mapping[str, Mapping[str, float]]    # W_tj: the weight peer t gives neighbour j
+    byzantine: frozenset[str]
+
+    def honest_neighbors(self, target: str) -> list[str]:
+        return [j for j in self.neighbors[target] if j not in self.byzantine]
+
+
+class _Tap:
+    """A transport that posts every received vector to a board (the local attacker's view)."""
+
+    def __init__(self, inner: Transport, board: Board) -> None:
+        self.inner, self.board = inner, board
+        self.stats: TransportStats = inner.stats  # the same counters object
+
+    def __getattr__(self, name: str) -> Any:  # anything else a transport offers (connect, listen, ...)
+        return getattr(self.inner, name)
+
+    @property
+    def local_id(self) -> str:
+        return self.inner.local_id
+
+    async def send(self, peer: str, frame: Frame) -> bool:
+        return await self.inner.send(peer, frame)
+
+    async def receive(self) -> AsyncIterator[tuple[str, Frame]]:
+        async for sender, frame in self.inner.receive():
+            if frame.kind == "model":
+                self.board.post(sender, frame.round, frame.step, frame.tensor())
+            yield sender, frame
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Idle:
+    """The trainer of an attacker that does not train."""
+
+    def train_round(self, round_: int) -> TrainStats:
+        return TrainStats(loss=0.0, steps=0)
+
+
+# ------------------------------------------------------------------------------------------- peers
+
+
+class ObservedPeer(Peer):
+    """An honest peer whose sent vectors an omniscient attacker can read (in-process engine only)."""
+
+    def __init__(self, *args: Any, board: Board, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.board = board
+
+    async def prepare_step(self, t: int, q: int, x: torch.Tensor) -> None:
+        self.board.post(self.id, t, q, x)
+
+
+class AttackerPeer(Peer):
+    """A Byzantine peer running attack `attack` (a name in `p2pfl.robust.attacks.ATTACKS`).
+
+    `knowledge`: omniscient view (in-process engine); None: local view (what its neighbours send it),
+    with `colluders` the peer IDs of the other attackers it knows. `num_classes` is needed by label_flip.
+    """
+
+    def __init__(self, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *, attack: str,
+                 transport: Transport, neighbors: Mapping[str, float | None],
+                 attack_params: Mapping[str, Any] | None = None, config: PeerConfig | None = None,
+                 knowledge: Knowledge | None = None, colluders: Iterable[str] = (),
+                 num_classes: int | None = None, **kwargs: Any) -> None:
+        self.attack = attack
+        self.params = craft.check_attack(attack, attack_params)
+        config = config or PeerConfig()
+        if attack == "label_flip":
+            if num_classes is None:
+                raise ConfigError("label_flip: the attacker needs num_classes (C, for y -> C-1-y)")
+            train_data = (train_data[0], craft.flip_labels(train_data[1], num_classes))
+        self.knowledge = knowledge
+        if knowledge is None:
+            self.board = Board(config.gossip_steps)
+            transport = _Tap(transport, self.board)
+        else:
+            self.board = knowledge.board
+        super().__init__(model, train_data, transport=transport, neighbors=neighbors, config=config, **kwargs)
+        self.colluders = frozenset(knowledge.byzantine if knowledge else colluders) - {self.id}
+        if attack == "mimic" and knowledge is None and isinstance(self.params["peer"], int):
+            raise ConfigError("mimic: without the engine's peer order, attack_params.peer must be a peer ID")
+        if attack not in TRAINING:
+            self.trainer = _Idle()  # type: ignore[assignment]
+        self.noise = torch.Generator().manual_seed(config.seed ^ 0x5EED_B12A)
+        self._crafted: dict[str, torch.Tensor | None] = {}
+
+    # -- what the attacker knows about a target -----------------------------------------------------
+    def _targets(self) -> list[str]:
+        return [nb for nb in self.tracker.neighbors if nb not in self.colluders]
+
+    def _neighborhood(self, target: str) -> tuple[list[str], dict[str, float], float, int, int]:
+        """(honest IDs the target aggregates, first the target itself; W_tj of its honest neighbours;
+        sum of W_tb over its Byzantine neighbours; n = its inputs; f = its Byzantine inputs)."""
+        k = self.knowledge
+        if k is not None:
+            good = k.honest_neighbors(target)
+            row = k.weights[target]
+            byz = [b for b in k.neighbors[target] if b in k.byzantine]
+            return [target, *good], {j: row[j] for j in good}, sum(row[b] for b in byz), \
+                len(k.neighbors[target]) + 1, len(byz)
+        # local view: the target's neighbourhood ~ ours, uniform weights
+        mine = self.tracker.neighbors
+        w = 1.0 / (len(mine) + 1)
+        good = [j for j in mine if j not in self.colluders and j != target]
+        f = 1 + sum(1 for j in mine if j in self.colluders)
+        return [target, *good], {j: w for j in good}, w * f, len(mine) + 1, f
+
+    def _mimicked(self) -> str | None:
+        peer = self.params["peer"]
+        k = self.knowledge
+        if isinstance(peer, int) and k is not None:
+            return k.order[peer]
+        if peer is not None:
+            return str(peer)
+        pool = [p for p in k.order if p not in k.byzantine] if k is not None else self._targets()
+        return pool[0] if pool else None
+
+    # -- the hooks ----------------------------------------------------------------------------------
+    async def prepare_step(self, t: int, q: int, x: torch.Tensor) -> None:
+        p, name = self.params, self.attack
+        targets = self._targets()
+        crafted: dict[str, torch.Tensor | None] = {nb: x for nb in self.tracker.neighbors}
+        if name == "silent":
+            crafted = dict.fromkeys(crafted)
+        elif name == "sign_flip":
+            flipped = craft.sign_flip(x, scale=p["scale"])
+            crafted.update({nb: flipped for nb in targets})
+        elif name == "gaussian":
+            crafted.update({nb: craft.gaussian(x, sigma=p["sigma"], generator=self.noise) for nb in targets})
+        elif name == "free_rider" and p["mode"] == "noise":
+            crafted.update({nb: craft.uniform_noise(x, scale=p["scale"], generator=self.noise) for nb in targets})
+        elif name == "mimic":
+            source = self._mimicked()
+            if source is not None:
+                got = await self._gather(t, q, [source])
+                if source in got:
+                    crafted.update({nb: got[source] for nb in targets})
+        elif name in NEIGHBORHOOD:
+            views = {nb: self._neighborhood(nb) for nb in targets}
+            got = await self._gather(t, q, {j for ids, *_ in views.values() for j in ids})
+            for nb, view in views.items():
+                vector = self._craft(view, got)
+                if vector is not None:
+                    crafted[nb] = vector
+        # sign_flip/label_flip/free_rider "mean": x is the model it trained / the mean it received
+        self._crafted = crafted
+
+    async def _gather(self, t: int, q: int, ids: Iterable[str]) -> dict[str, torch.Tensor]:
+        ids = list(ids)
+        with trio.move_on_after(self.config.step_timeout_s):
+            return await self.board.gather(t, q, ids)
+        got = self.board.peek(t, q, ids)
+        log.debug("%s: step (%d, %d): %d of %d honest vectors by the deadline", self.id, t, q, len(got), len(ids))
+        return got
+
+    def _craft(self, view: tuple[list[str], dict[str, float], float, int, int],
+               got: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        ids, good_w, byz_w, n, f = view
+        target = ids[0]
+        if target not in got:
+            return None  # the target's own vector never came: send our own x this step
+        if self.attack == "dissensus":
+            good = [j for j in ids[1:] if j in got]
+            stacked = torch.stack([got[j] for j in good]) if good else got[target].new_zeros(0, got[target].numel())
+            w = torch.tensor([good_w[j] for j in good], dtype=stacked.dtype)
+            return craft.dissensus(got[target], stacked, w, byz_w, eps=self.params["eps"])
+        honest = torch.stack([got[j] for j in ids if j in got])  # (k, d)
+        if self.attack == "ipm":
+            return craft.ipm(honest, eps=self.params["eps"])
+        z = self.params["z"] if self.params["z"] is not None else craft.alie_z(n, f)
+        return craft.alie(honest, z=z)
+
+    def outgoing(self, t: int, q: int, x: torch.Tensor, neighbor: str) -> torch.Tensor | None:
+        return self._crafted.get(neighbor, x)
+
+    def _aggregate(self, own: torch.Tensor, senders: list[str], stacked: torch.Tensor) -> torch.Tensor:
+        if self.attack == "free_rider" and self.params["mode"] == "mean":
+            return craft.received_mean(stacked)
+        if self.attack not in AGGREGATING:
+            return own  # its own model plays no part in what it sends
+        return super()._aggregate(own, senders, stacked)
+
+
+# ------------------------------------------------------------------------------------------ casting
+
+
+@dataclass
+class Cast:
+    """Who is who in a simulated run, and the peer object for each index."""
+
+    attack: str
+    params: Mapping[str, Any]
+    byzantine: frozenset[int]
+    ids: Sequence[str]
+    num_classes: int
+    knowledge: Knowledge | None = field(default=None)
+
+    @classmethod
+    def of(cls, attack: str, params: Mapping[str, Any], byzantine: Iterable[int], ids: Sequence[str],
+           nbrs: Sequence[Sequence[int]], W: np.ndarray, aggregator: str, gossip_steps: int,
+           num_classes: int) -> Cast:
+        byz = frozenset(byzantine)
+        if not byz or attack == "none":
+            return cls(attack, params, frozenset(), ids, num_classes)
+        neighbors = {ids[i]: [ids[j] for j in nbrs[i]] for i in range(len(ids))}
+        # the weights a target mixes with: W for gossip; the uniform 1/(deg+1) of its inputs for other rules
+        weights = {ids[i]: {ids[j]: float(W[i, j]) if aggregator == "mixing" else 1.0 / (len(nbrs[i]) + 1)
+                            for j in nbrs[i]} for i in range(len(ids))}
+        byz_ids = frozenset(ids[i] for i in byz)
+        wanted = {j for b in byz for i in nbrs[b] for j in (ids[i], *neighbors[ids[i]])} - byz_ids
+        if attack == "mimic":  # only the copied peer (see AttackerPeer._mimicked)
+            peer = params.get("peer")
+            honest = [p for p in ids if p not in byz_ids]
+            wanted = {ids[peer] if isinstance(peer, int) else peer if peer is not None else honest[0]}
+        board = Board(gossip_steps, wanted if attack in (*NEIGHBORHOOD, "mimic") else ())
+        return cls(attack, params, byz, ids, num_classes, Knowledge(board, ids, neighbors, weights, byz_ids))
+
+    @property
+    def honest(self) -> list[int]:
+        return [i for i in range(len(self.ids)) if i not in self.byzantine]
+
+    def peer(self, i: int, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *,
+             test_data: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> Peer:
+        if self.knowledge is None:
+            return Peer(model, train_data, test_data=test_data, **kwargs)
+        if i not in self.byzantine:
+            return ObservedPeer(model, train_data, test_data=test_data, board=self.knowledge.board, **kwargs)
+        # Byzantine peers are not evaluated: honest accuracy is what counts
+        return AttackerPeer(model, train_data, attack=self.attack, attack_params=self.params,
+                            knowledge=self.knowledge, num_classes=self.num_classes, **kwargs)
+
+
+def byzantine_neighbors(nbrs: Sequence[Sequence[int]], byzantine: Iterable[int]) -> dict[str, Any]:
+    """Per honest peer, how many of its neighbours are Byzantine: max, mean, and the histogram."""
+    byz = set(byzantine)
+    counts = [sum(1 for j in nb if j in byz) for i, nb in enumerate(nbrs) if i not in byz]
+    hist: dict[str, int] = {}
+    for c in counts:
+        hist[str(c)] = hist.get(str(c), 0) + 1
+    return {"max": max(counts, default=0), "mean": float(np.mean(counts)) if counts else 0.0,
+            "histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0])))}
+
+
+
+# ------------------------------------------------------------------------------------ config checks
+
+
+def _min_degree(topology: str, peers: int) -> int | None:
+    """The smallest degree of the overlay when it does not depend on the seed (None for erdos:P)."""
+    from p2pfl.gossip.topology import build_topology, parse_topology
+
+    ts = parse_topology(topology)
+    if ts.kind == "erdos":
+        return None
+    if ts.kind == "regular":
+        return ts.k
+    adj = build_topology(topology, peers, np.random.default_rng(0))  # deterministic kinds
+    return int(adj.sum(1).min())
+
+
+def check_scenario(s: Any) -> None:
+    """Config-time checks of a Scenario's Byzantine keys and of its rule against the overlay's degree.
+
+    (A random overlay, erdos:P, is checked when it is built: each Peer checks its own degree.)"""
+    from p2pfl.robust import check_rule
+
+    byz = choose_attackers(s.attackers, s.peers, s.seed)
+    if s.attack != "none" and s.attack not in craft.ATTACKS:
+        raise ConfigError(f"attack: unknown value {s.attack!r}; allowed: none, {', '.join(sorted(craft.ATTACKS))}")
+    if s.attack == "none":
+        if byz:
+            raise ConfigError(f"attackers: {len(byz)} attacker(s) but attack = 'none'; "
+                              f"set attack to one of: {', '.join(sorted(craft.ATTACKS))}")
+        if s.attack_params:
+            raise ConfigError("attack_params: given, but attack = 'none'")
+    else:
+        params = craft.check_attack(s.attack, s.attack_params)
+        peer = params.get("peer")
+        if isinstance(peer, str):
+            raise ConfigError("attack_params.peer (mimic): in a scenario, give a peer index")
+        if isinstance(peer, int) and (peer >= s.peers or peer in byz):
+            raise ConfigError(f"attack_params.peer (mimic): {peer} must be an honest peer index in "
+                              f"[0, {s.peers}); the attackers are {byz}")
+    degree = _min_degree(s.topology, s.peers)
+    if degree is not None and s.aggregator != "mixing":
+        try:
+            check_rule(s.aggregator, degree, s.f, **s.aggregator_params)
+        except ConfigError as e:
+            raise ConfigError(f"aggregator: on topology {s.topology} with {s.peers} peers: {e}") from None

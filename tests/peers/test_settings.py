@@ -1,0 +1,53 @@
+"""`p2pfl peer` settings: TOML < flags, strict keys, the example file."""
+
+from pathlib import Path
+
+import pytest
+
+from p2pfl.errors import ConfigError
+from p2pfl.peers import checkpoint
+from p2pfl.peers.settings import PeerSettings, load
+
+
+def test_example_peer_toml_loads_and_flags_override_it():
+    path = Path(__file__).parents[2] / "examples" / "peer.toml"
+    s = load(path, {"shard": "3/4", "rounds": 5, "bootstrap": ("/ip4/127.0.0.1/tcp/1/p2p/x",)})
+    assert s.shard_index() == (3, 4) and s.rounds == 5 and s.degree == 4
+    assert s.listen == ("/ip4/0.0.0.0/tcp/4001",) and s.bootstrap == ("/ip4/127.0.0.1/tcp/1/p2p/x",)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"degre": 4}, "unknown key 'degre'"),
+    ({"shard": "4/4"}, "shard"),
+    ({"device": "tpu"}, "device: unknown value"),
+    ({"rounds": "3"}, "rounds: expected int"),
+])
+def test_bad_settings_name_the_key(tmp_path, values, message):
+    with pytest.raises(ConfigError, match=message):
+        load(None, values)
+
+
+def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
+    import torch
+
+    from p2pfl.learn.models import make_model
+    from p2pfl.learn.train import LocalTrainer, TrainConfig
+
+    model = make_model("mlp", (4,), 2, hidden=(3,), seed=0)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    trainer = LocalTrainer(model, x, y, TrainConfig(momentum=0.9, batch_size=4), torch.Generator().manual_seed(1))
+    trainer.train_round(0)
+    data = checkpoint.snapshot(trainer, round=1, peer_id="p", schema="s")
+    checkpoint.write(tmp_path, data)
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]   # no temp file left behind
+    other = make_model("mlp", (4,), 2, hidden=(3,), seed=5)
+    t2 = LocalTrainer(other, x, y, TrainConfig(momentum=0.9, batch_size=4), torch.Generator().manual_seed(9))
+    ck = checkpoint.load(tmp_path)
+    ck.apply(t2)
+    assert ck.round == 1 and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                      other.state_dict().values()))
+    trainer.train_round(1)
+    t2.train_round(1)                  # same optimizer state and batch order: same next round
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    with pytest.raises(ConfigError, match="no checkpoint.pt"):
+        checkpoint.load(tmp_path / "missing")

@@ -1,0 +1,147 @@
+"""End to end: real `p2pfl peer` processes on 127.0.0.1 (slow; run in CI).
+
+Processes are started with subprocess, waited on with timeouts, and stopped by PID in a finally.
+Waiting for progress reads the peers' own outputs (stdout lines, metrics.jsonl) with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+P2PFL = [sys.executable, "-m", "p2pfl.cli"]
+COMMON = ["--listen", "/ip4/127.0.0.1/tcp/0", "--dataset", "digits", "--threads", "1", "--step-timeout", "4",
+          "--local-steps", "20", "--lr", "0.2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class Peers:
+    def __init__(self, tmp: Path, n: int, rounds: int) -> None:
+        self.tmp, self.n, self.rounds = tmp, n, rounds
+        self.procs: dict[int, subprocess.Popen[str]] = {}
+        self.bootstrap: str | None = None
+
+    def start(self, i: int, *extra: str) -> subprocess.Popen[str]:
+        args = [*P2PFL, "peer", *COMMON, "--out", str(self.tmp / f"p{i}"), "--shard", f"{i}/{self.n}",
+                "--rounds", str(self.rounds), "--min-neighbors", str(self.n - 1), *extra]
+        if self.bootstrap and i != 0:
+            args += ["--bootstrap", self.bootstrap]
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(self.tmp / f"p{i}.err", "a"), text=True,
+                             env=ENV, cwd=Path(__file__).parent.parent)
+        self.procs[i] = p
+        return p
+
+    def ready(self, i: int) -> str:
+        line = self.procs[i].stdout.readline()   # the first line is "listening on <addr>" (blocks until it is)
+        assert line.startswith("listening on /ip4/127.0.0.1/tcp/"), (line, self.err(i))
+        if i == 0:
+            self.bootstrap = line.split()[-1]
+        return line
+
+    def start_all(self) -> None:
+        self.start(0)
+        self.ready(0)
+        for i in range(1, self.n):   # the others start in parallel: importing torch and libp2p is slow
+            self.start(i)
+        for i in range(1, self.n):
+            self.ready(i)
+
+    def err(self, i: int) -> str:
+        return (self.tmp / f"p{i}.err").read_text()[-3000:]
+
+    def wait(self, i: int, timeout: float) -> str:
+        out, _ = self.procs[i].communicate(timeout=timeout)
+        assert self.procs[i].returncode == 0, (out, self.err(i))
+        return out
+
+    def summary(self, i: int) -> dict:
+        return json.loads((self.tmp / f"p{i}" / "summary.json").read_text())
+
+    def rounds_done(self, i: int) -> int:
+        path = self.tmp / f"p{i}" / "metrics.jsonl"
+        if not path.exists():
+            return 0
+        return sum(1 for ln in path.read_text().splitlines() if '"kind": "round"' in ln)
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()          # by PID: Popen.kill sends SIGKILL to this child only
+                p.wait(timeout=10)
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)   # polling another process's files; no event to wait on across processes
+
+
+def test_four_peers_with_a_bootstrap_address(tmp_path):
+    peers = Peers(tmp_path, 4, rounds=3)
+    try:
+        peers.start_all()
+        for i in range(4):
+            peers.wait(i, timeout=120)
+        for i in range(4):
+            s = peers.summary(i)
+            assert s["rounds_done"] == 3 and s["rounds_run"] == 3, s
+            assert s["accuracy"] > 0.3, s          # 10 classes: chance is 0.1
+            assert len(s["neighbors"]) == 3 and s["frames_received"] >= 3 * 3 - 1
+    finally:
+        peers.stop_all()
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_0_then_resume_continues(tmp_path):
+    peers = Peers(tmp_path, 3, rounds=40)
+    try:
+        peers.start_all()
+        wait_for(lambda: peers.rounds_done(2) >= 2, 60, "peer 2 to finish 2 rounds")
+        peers.procs[2].send_signal(signal.SIGTERM)
+        out = peers.wait(2, timeout=30)
+        assert "SIGTERM" in out
+        ck = torch.load(tmp_path / "p2" / "checkpoint.pt", weights_only=True)
+        s = peers.summary(2)
+        assert s["stopped"] and ck["round"] == s["rounds_done"] >= 2
+    finally:
+        peers.stop_all()
+
+
+def test_kill_and_resume(tmp_path):
+    rounds = 12
+    peers = Peers(tmp_path, 3, rounds=rounds)
+    try:
+        peers.start_all()
+        wait_for(lambda: peers.rounds_done(2) >= 3, 60, "peer 2 to finish 3 rounds")
+        peers.procs[2].kill()     # SIGKILL mid-training
+        peers.procs[2].wait(timeout=10)
+        ck = torch.load(tmp_path / "p2" / "checkpoint.pt", weights_only=True)   # never partial
+        saved = ck["round"]
+        assert saved >= 3
+        peers.start(2, "--resume", str(tmp_path / "p2"))
+        peers.ready(2)
+        for i in range(3):
+            peers.wait(i, timeout=180)
+        events = [json.loads(ln) for ln in (tmp_path / "p2" / "metrics.jsonl").read_text().splitlines()]
+        starts = [e for e in events if e["kind"] == "start"]
+        assert len(starts) == 2 and starts[1]["resumed_from"] == saved
+        after = [e["round"] for e in events[events.index(starts[1]):] if e["kind"] == "round"]
+        assert after and after[0] >= saved          # continues from its checkpoint (or later: caught up)
+        for i in range(3):
+            s = peers.summary(i)
+            assert s["rounds_done"] == rounds, s
+            assert s["accuracy"] > 0.3
+        assert torch.load(tmp_path / "p2" / "checkpoint.pt", weights_only=True)["round"] == rounds
+    finally:
+        peers.stop_all()
