@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from p2pfl.errors import ConfigError
+from p2pfl.errors import ConfigError, P2PFLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="p2pfl: decentralized peer-to-peer federated learning.")
@@ -105,8 +105,10 @@ def sim(
     attackers: Optional[str] = typer.Option(None, help="fraction of Byzantine peers in [0, 1) (0.3), or "
                                                        "comma-separated peer indices (1,5; one peer: 5,)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default results/<name>-<time>)"),
+    engine_name: Optional[str] = typer.Option(None, "--engine", help="inproc (one process, virtual time) or procs "
+                                                                     "(one real `p2pfl peer` process per peer)"),
 ) -> None:
-    """Simulate a decentralized federation in this process and report the peers' accuracy."""
+    """Simulate a decentralized federation (in this process, or as peer processes) and report the peers' accuracy."""
     from p2pfl.sim import engine
     from p2pfl.sim import scenario as scenarios
 
@@ -114,7 +116,7 @@ def sim(
                      seed=seed, model=model, aggregator=aggregator, gossip_steps=gossip_steps, lr=lr,
                      local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size, wire=wire,
                      algorithm=algorithm, rho=rho, lr_decay=lr_decay, momentum=momentum, weight_decay=weight_decay,
-                     f=f, attack=attack)
+                     f=f, attack=attack, engine=engine_name)
     try:
         overrides["attackers"] = _attackers_flag(attackers)
         s = scenarios.load(scenario, overrides)
@@ -125,14 +127,23 @@ def sim(
 
             def progress(t: int, info: dict[str, Any]) -> None:
                 status = f"acc {info['accuracy_mean']:.3f}" if "accuracy_mean" in info else ""
-                bar.update(task, completed=t + 1, status=f"{status}  consensus {info['distance']:.2e}")
+                if "distance" in info:
+                    status += f"  consensus {info['distance']:.2e}"
+                bar.update(task, completed=t + 1, status=f"{status}  {info.get('note', '')}")
 
-            summary = engine.run(s, out_dir, progress)
-    except ConfigError as e:
+            if s.engine == "procs":
+                from p2pfl.sim import procs
+
+                bar.update(task, description=f"{s.peers} peer processes, slowest peer's rounds")
+                summary = procs.run(s, out_dir, progress)
+            else:
+                summary = engine.run(s, out_dir, progress)
+    except P2PFLError as e:      # a bad key, or (procs) a peer process that failed
         _fail(str(e))
     console.print(_results_table(summary))
     console.print(_run_facts(summary), highlight=False)
-    console.print(f"wrote {out_dir}/metrics.jsonl, summary.json, accuracy.png, consensus.png", highlight=False)
+    plots = "accuracy.png" + (", consensus.png" if s.engine != "procs" else "; one folder per peer")
+    console.print(f"wrote {out_dir}/metrics.jsonl, summary.json, {plots}", highlight=False)
 
 
 @app.command()

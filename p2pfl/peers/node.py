@@ -123,6 +123,7 @@ class Node:
             self.peer.round = self.resumed_from = ck.round
         self._last_snapshot: bytes | None = None
         self.explicit = {_peer_of(a) for a in s.neighbors}
+        self.transport.degree = len(self.explicit)   # a fixed overlay advertises its degree: MH weights
         self.links: set[str] = set(self.explicit)
         self.misses: Counter[str] = Counter()
         self.dialing: set[str] = set()
@@ -218,8 +219,15 @@ class Node:
             self.links.discard(p)      # a picked neighbour that went quiet is replaced; it may come back
         if active != set(self.peer.tracker.neighbors):
             log.info("neighbours: %s", sorted(active))
-            self.peer.set_neighbors({p: None for p in sorted(active)})
-            self.transport.degree = len(active)
+            self.peer.set_neighbors({p: self._weight(p) for p in sorted(active)})
+            self.transport.degree = len(self.explicit) or len(active)
+
+    def _weight(self, p: str) -> float | None:
+        """W_ij on a fixed overlay: Metropolis-Hastings 1 / (1 + max(d_i, d_j)), with d_j from p's
+        hello; it sums to < 1 over any subset of neighbours, so W_ii = 1 - sum stays > 0. None
+        (uniform 1 / (active + 1)) when neighbours are picked at run time and degrees still change."""
+        d_j = self.transport.peers[p].degree if p in self.transport.peers else 0
+        return 1.0 / (1 + max(len(self.explicit), d_j)) if self.explicit and d_j > 0 else None
 
     # -- membership ---------------------------------------------------------------------------------
     def _on_hello(self, peer: str, hello: Hello) -> None:

@@ -164,7 +164,7 @@ def _bulyan(own: Tensor, received: Tensor, f: int, p: Params, want: bool) -> tup
         best = int(_krum_order(d2, f, active)[0])
         active[best] = False
         chosen.append(best)
-    total, counts = kernels.closest_to_median_sum([own if i == 0 else received[i - 1] for i in chosen], beta, want)
+    total, counts = kernels.closest_to_median_sum(own, received, chosen, beta, want)
     w = _full(n, 0.0, own)
     if counts is not None:
         w[chosen] = counts / (beta * own.shape[0])
@@ -284,7 +284,7 @@ def _weights(name: str, value: Any, n: int) -> Tensor:
     return w
 
 
-def _params(name: str, n: int, f: int, given: Mapping[str, Any], at_call: bool, d: int | None = None) -> Params:
+def _params(name: str, n: int, given: Mapping[str, Any], at_call: bool, d: int | None = None) -> Params:
     """Validate and complete a rule's params for n inputs (n = bucket count when bucketing)."""
     spec = _spec(name)
     unknown = set(given) - set(spec.config) - set(spec.runtime)
@@ -343,7 +343,7 @@ def check_rule(name: str, degree: int, f: int, **params: Any) -> None:
     s = _stage(name, params)
     _requirement(name, degree, f, s)
     rule_params = {k: v for k, v in params.items() if k not in _STAGE}
-    _params(name, -(-(degree + 1) // s), f, rule_params, at_call=False)
+    _params(name, -(-(degree + 1) // s), rule_params, at_call=False)
 
 
 # ------------------------------------------------------------------------------------ entry points
@@ -380,7 +380,7 @@ def _apply(name: str, own: Tensor, received: Tensor, f: int, given: Mapping[str,
     s = _stage(name, given)
     _requirement(name, received.shape[0], f, s)
     n = -(-(received.shape[0] + 1) // s)
-    p = _params(name, n, f, {k: v for k, v in given.items() if k not in _STAGE}, at_call=True, d=own.shape[0])
+    p = _params(name, n, {k: v for k, v in given.items() if k not in _STAGE}, at_call=True, d=own.shape[0])
     if p.get("center") is not None:
         p["center"] = p["center"].to(device=own.device, dtype=own.dtype)
     if s == 1:

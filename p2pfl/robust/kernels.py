@@ -83,7 +83,7 @@ def sq_norms(own: Tensor, received: Tensor, anchor: Tensor | None = None) -> Ten
     n = received.shape[0] + 1
     acc = torch.zeros(n, dtype=torch.float64, device=own.device)
     for b in _centered_chunks(own, received, anchor):
-        acc += (b[:n] * b[:n]).sum(dim=1, dtype=torch.float64)
+        acc += torch.linalg.vector_norm(b[:n], dim=1).double().square()  # fused: no [n, w] temporary
     return acc
 
 
@@ -174,14 +174,19 @@ def _tie_shared(x: Tensor, lo: Tensor | int, hi: Tensor | int, s_lo: Tensor, s_h
     return w.sum(1)
 
 
-def _kept_counts(sources: list[Tensor], lo: Tensor | int, hi: Tensor | int, s_lo: Tensor, s_hi: Tensor) -> Tensor:
-    """Per source row, the number of coordinates where it fills one of the kept slots lo..hi (per
-    coordinate, [d] or scalars), shared equally among tied inputs. Big-chunk ops: this pass is vectorized."""
-    r, d = len(sources), sources[0].shape[0]
+def _kept_counts(own: Tensor, received: Tensor, rows: Tensor | None, lo: Tensor | int, hi: Tensor | int,
+                 s_lo: Tensor, s_hi: Tensor) -> Tensor:
+    """Per input (or per selected input, `rows` indexing [own; received]), the number of coordinates where
+    it fills one of the kept slots lo..hi (per coordinate, [d] or scalars), tied inputs sharing equally.
+    A vectorized pass over big chunks."""
+    d = own.shape[0]
+    r = received.shape[0] + 1 if rows is None else rows.shape[0]
     k = hi - lo + 1
-    counts = torch.zeros(r, dtype=torch.float64, device=s_lo.device)
-    for start, w in _chunks(d, _cols(_WEIGHT_CHUNK, r, s_lo.device)):
-        x = torch.stack([src[start : start + w] for src in sources])  # [r, w]
+    counts = torch.zeros(r, dtype=torch.float64, device=own.device)
+    for start, w in _chunks(d, _cols(_WEIGHT_CHUNK, r, own.device)):
+        x = torch.cat([own[None, start : start + w], received[:, start : start + w]])  # [n, w]
+        if rows is not None:
+            x = x.index_select(0, rows)
         lo_c, hi_c = s_lo[start : start + w], s_hi[start : start + w]
         kept = (x >= lo_c) & (x <= hi_c)
         counts += kept.sum(1, dtype=torch.float64)
@@ -226,25 +231,27 @@ def trimmed_sum(own: Tensor, received: Tensor, lo: int, hi: int, want_weights: b
         if ends is not None:
             ends[0][start : start + w].copy_(rows[lo])
             ends[1][start : start + w].copy_(rows[hi])
-    return out, (_kept_counts(sources, lo, hi, *ends) if ends is not None else None)
+    return out, (_kept_counts(own, received, None, lo, hi, *ends) if ends is not None else None)
 
 
-def closest_to_median_sum(sources: list[Tensor], beta: int, want_weights: bool) -> tuple[Tensor, Tensor | None]:
-    """Per coordinate, the sum of the `beta` values closest to the median of the given rows (Bulyan's
+def closest_to_median_sum(own: Tensor, received: Tensor, selected: list[int], beta: int,
+                          want_weights: bool) -> tuple[Tensor, Tensor | None]:
+    """Per coordinate, the sum of the `beta` values closest to the median of the `selected` inputs (Bulyan's
     second phase). The beta nearest values to a point form a window of the sorted column; its start is the
     number of slides s -> s + 1 that swap in a strictly nearer value (a prefix, since distances are monotone
     on each side), so equidistant values on both sides resolve to the lower window.
 
-    Returns (sum [d], kept counts per source row [r] float64 or None).
+    Returns (sum [d], kept counts per selected input [len(selected)] float64 or None).
     """
-    r, ref = len(sources), sources[0]
+    sources = [own if i == 0 else received[i - 1] for i in selected]
+    r, ref = len(sources), own
     slides = r - beta
     out = torch.empty_like(ref)
-    first = torch.empty(ref.shape[0], dtype=torch.long, device=ref.device)
+    first = torch.empty(ref.shape[0], dtype=torch.long, device=ref.device) if want_weights else None
     ends = (torch.empty_like(ref), torch.empty_like(ref)) if want_weights else None
     for start, w, rows in _sorted_chunks(sources, batcher(r)):
         med = rows[r // 2] if r % 2 else (rows[r // 2 - 1] + rows[r // 2]) * 0.5
-        s_first = first[start : start + w]
+        s_first = first[start : start + w] if first is not None else torch.empty(w, dtype=torch.long, device=ref.device)
         s_first.zero_()
         for s in range(slides):  # slide right while the value entering is strictly nearer than the one leaving
             s_first += rows[s + beta] - med < med - rows[s]
@@ -260,6 +267,7 @@ def closest_to_median_sum(sources: list[Tensor], beta: int, want_weights: bool) 
             for s in range(slides + 1):
                 torch.where(s_first == s, rows[s], s_lo, out=s_lo)
                 torch.where(s_first == s, rows[s + beta - 1], s_hi, out=s_hi)
-    if ends is None:
+    if ends is None or first is None:
         return out, None
-    return out, _kept_counts(sources, first, first + beta - 1, *ends)
+    index = torch.tensor(selected, dtype=torch.long, device=own.device)
+    return out, _kept_counts(own, received, index, first, first + beta - 1, *ends)

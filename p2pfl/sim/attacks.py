@@ -198,7 +198,8 @@ class AttackerPeer(Peer):
             train_data = (train_data[0], craft.flip_labels(train_data[1], num_classes))
         self.knowledge = knowledge
         if knowledge is None:
-            self.board = Board(config.gossip_steps)
+            # only the steps the tracker may still need: the current one and those buffered ahead
+            self.board = Board(config.gossip_steps, keep_steps=(config.max_ahead_rounds + 1) * config.gossip_steps)
             transport = _Tap(transport, self.board)
         else:
             self.board = knowledge.board

@@ -27,6 +27,7 @@ from p2pfl.learn.train import TrainConfig, algorithm_name, algorithm_preset
 from p2pfl.robust import RULES
 from p2pfl.sim.attacks import check_scenario
 from p2pfl.sim.partition import parse_partition
+from p2pfl.sim.procs import FAULT_KEYS, check_faults, fault_entries
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,7 +35,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DATASETS = ("digits", "mnist1d", "synthetic", "npz:PATH")
-ENGINES = ("inproc",)
+ENGINES = ("inproc", "procs")   # one process (memory transport, virtual time); real peer processes
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class Scenario:
     attack: str = "none"
     attackers: float | tuple[int, ...] = 0.0   # a fraction in [0, 1) drawn with `seed`, or peer indices
     attack_params: dict[str, Any] = field(default_factory=dict)
+    # faults, procs engine only (p2pfl.sim.procs): kill = [{peer = 3, at_round = 5, restart_after_s = 10}]
+    kill: tuple[dict[str, Any], ...] = ()
+    delay: tuple[dict[str, Any], ...] = ()     # delay = {peer = 2, ms = 200} (or a list of such tables)
 
     def __post_init__(self) -> None:
         if self.peers < 2:
@@ -95,6 +99,7 @@ class Scenario:
         if self.latency_ms < 0 or not 0 <= self.loss < 1:
             raise ConfigError("latency_ms must be >= 0 and loss in [0, 1)")
         self.train_config()  # validates the training keys (and the algorithm name)
+        check_faults(self)   # kill, delay, and what the procs engine cannot run
 
     def local_update(self) -> dict[str, float]:
         """rho and momentum as run: an explicit key wins over the algorithm's preset, which wins over 0."""
@@ -127,6 +132,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return None
     if key == "attackers" and isinstance(value, (list, tuple)):  # peer indices (else a fraction)
         hint = tuple[int, ...]
+    if key in FAULT_KEYS:
+        return fault_entries(key, value)
     base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
     origin = typing.get_origin(base) or base
     if origin is tuple:

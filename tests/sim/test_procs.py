@@ -1,0 +1,139 @@
+"""The procs engine: a scenario as real `p2pfl peer` processes on 127.0.0.1, with scripted faults.
+
+The fast tests check fault specs and the files the engine hands its peers. The slow ones run real
+processes (loopback only); `procs.run` stops every process it started by PID in its own finally,
+and `timeout_s` bounds each run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2pfl.errors import ConfigError
+from p2pfl.peers import settings as peer_settings
+from p2pfl.sim import engine, procs
+from p2pfl.sim import scenario as scenarios
+
+ROOT = Path(__file__).parents[2]
+# small and quick: 20 local steps a round; a 4 s step deadline keeps a dead neighbour cheap
+FAST = dict(peers=4, topology="ring", dataset="digits", local_steps=20, step_timeout_s=4.0, engine="procs")
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"kill": [{"peer": 3, "at_round": 1, "restart": 2}]}, "kill[0]: unknown key 'restart'"),
+    ({"kill": [{"peer": 4, "at_round": 1}]}, "kill[0].peer: must be a peer index in [0, 4)"),
+    ({"kill": [{"peer": -1, "at_round": 1}]}, "kill[0].peer"),
+    ({"kill": [{"peer": 1, "at_round": 3}]}, "kill[0].at_round: must be in [0, rounds) = [0, 3)"),
+    ({"kill": [{"peer": 1}]}, "kill[0]: missing key 'at_round'"),
+    ({"kill": [{"peer": 1, "at_round": 1, "restart_after_s": -1}]}, "kill[0].restart_after_s: must be >= 0"),
+    ({"kill": [{"peer": 1, "at_round": 1}, {"peer": 1, "at_round": 2}]}, "kill[1]: peer 1 is killed again"),
+    ({"kill": [{"peer": "3", "at_round": 1}]}, "kill[0].peer: expected an integer"),
+    ({"kill": 3}, "kill: expected a table or a list of tables"),
+    ({"delay": {"peer": 2, "ms": -5}}, "delay[0].ms: must be >= 0"),
+    ({"delay": {"peer": 2}}, "delay[0]: missing key 'ms'"),
+    ({"delay": [{"peer": 2, "ms": 5}, {"peer": 2, "ms": 9}]}, "delay[1].peer: peer 2 already has a delay"),
+    ({"engine": "inproc", "kill": [{"peer": 1, "at_round": 1}]}, "kill: faults run on real processes only"),
+    ({"engine": "inproc", "delay": {"peer": 1, "ms": 10}}, "delay: faults run on real processes only"),
+    ({"attack": "sign_flip", "attackers": [1]}, "attack: the procs engine runs honest"),
+    ({"engine": "threads"}, "engine: unknown value 'threads'; allowed: inproc, procs"),
+])
+def test_a_bad_fault_spec_is_a_config_error_naming_the_key(values, needle):
+    with pytest.raises(ConfigError) as e:
+        scenarios.build({**FAST, "rounds": 3, **values})
+    assert needle in str(e.value)
+
+
+def test_fault_tables_from_toml(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('engine = "procs"\npeers = 8\nrounds = 10\n'
+                 'kill = [{peer = 3, at_round = 5, restart_after_s = 10}, {peer = 3, at_round = 8}]\n'
+                 'delay = {peer = 2, ms = 200}\n')
+    s = scenarios.load(f)
+    assert procs.kills(s) == [procs.Kill(3, 5, 10.0), procs.Kill(3, 8, None)]
+    assert procs.delays(s) == {2: 200.0}
+    assert s.to_dict()["delay"] == [{"peer": 2, "ms": 200}]
+
+
+def test_the_peer_toml_is_what_p2pfl_peer_loads(tmp_path):
+    s = scenarios.build({**FAST, "rounds": 3, "algorithm": "dfedsam", "hidden": [32, 16], "latency_ms": 5})
+    (tmp_path / "peer.toml").write_text(procs._toml(procs.peer_settings(s)))
+    p = peer_settings.load(tmp_path / "peer.toml", {})
+    assert (p.rounds, p.local_steps, p.step_timeout, p.hidden, p.rho, p.delay_ms, p.device, p.threads) == \
+        (3, 20, 4.0, (32, 16), 0.05, 5.0, "cpu", 1)
+    assert p.train_config() == s.train_config()
+
+
+def test_a_torn_line_left_by_sigkill_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    tail = procs._Tail(path)
+    assert tail.events() == []
+    path.write_text('{"kind": "round", "round": 0}\n{"kind": "ro')
+    assert tail.events() == [{"kind": "round", "round": 0}]
+    tail.drop_partial()                      # the writer was killed mid-line
+    with open(path, "a") as fh:              # its restart appends after the torn bytes
+        fh.write('{"kind": "start", "round": 1}\n')
+    assert tail.events() == [{"kind": "start", "round": 1}]
+
+
+def test_cli_rejects_a_bad_engine_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "p2pfl.cli", "sim", "--engine", "threads", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "engine: unknown value 'threads'" in r.stderr and "Traceback" not in r.stderr
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_four_peer_ring_finishes_with_the_inproc_summary(tmp_path):
+    s = scenarios.build({**FAST, "name": "procs-ring4", "rounds": 3})
+    summary = procs.run(s, tmp_path / "procs", timeout_s=150)
+    reference = engine.run(scenarios.build({**FAST, "name": "procs-ring4", "rounds": 3, "engine": "inproc"}),
+                           tmp_path / "inproc")
+    missing = sorted(set(reference) - set(summary))
+    assert not missing, f"procs summary.json lacks the in-process engine's keys {missing}"
+    assert json.loads((tmp_path / "procs" / "summary.json").read_text()) == summary
+    assert summary["engine"] == "procs" and summary["rounds_done"] == [3, 3, 3, 3]
+    assert summary["honest_accuracy"]["min"] > 0.3          # 10 classes: chance is 0.1
+    assert summary["centralized_accuracy"] > 0.3 and summary["bytes_sent"] > 0 and summary["rejected"] == {}
+    assert (tmp_path / "procs" / "accuracy.png").stat().st_size > 0
+    events = _events(tmp_path / "procs")
+    assert events[0]["kind"] == "run" and events[0]["engine"] == "procs"
+    rounds = [e for e in events if e["kind"] == "round"]
+    assert sorted((e["peer"], e["round"]) for e in rounds) == [(i, t) for i in range(4) for t in range(3)]
+    if all(not e["missing"] for e in rounds):
+        # every neighbour arrived in every step: same shards, initial model, batch order and
+        # Metropolis-Hastings weights as the in-process engine, so the same numbers
+        assert summary["per_peer_accuracy"] == pytest.approx(reference["per_peer_accuracy"], abs=1e-6)
+        assert summary["consensus_distance"] == pytest.approx(reference["consensus_distance"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_killed_peer_resumes_from_its_checkpoint_and_finishes(tmp_path):
+    rounds, at = 6, 1
+    s = scenarios.build({**FAST, "name": "procs-kill", "rounds": rounds, "centralized": False,
+                         "kill": [{"peer": 3, "at_round": at, "restart_after_s": 1}], "delay": {"peer": 2, "ms": 20}})
+    summary = procs.run(s, tmp_path, timeout_s=200)
+    assert summary["rounds_done"] == [rounds] * 4
+    assert [f["fault"] for f in summary["faults"]] == ["kill", "restart"]
+    assert summary["faults"][1]["from_checkpoint"]
+    mine = [e for e in _events(tmp_path) if e.get("peer") == 3]
+    starts = [k for k, e in enumerate(mine) if e["kind"] == "start"]
+    assert len(starts) == 2
+    resumed = mine[starts[1]]["resumed_from"]
+    before = [e["round"] for e in mine[:starts[1]] if e["kind"] == "round"]
+    after = [e["round"] for e in mine[starts[1]:] if e["kind"] == "round"]
+    # the checkpoint of its last reported round (or of the one before: killed before it was written)
+    assert before[-1] >= at and resumed in (before[-1], before[-1] + 1)
+    assert after and after[0] >= resumed and after[-1] == rounds - 1   # continues from there (or caught up)
+    assert torch.load(tmp_path / "peer-3" / "checkpoint.pt", weights_only=True)["round"] == rounds
+    final = json.loads((tmp_path / "peer-3" / "summary.json").read_text())
+    assert final["resumed_from"] == resumed and final["rounds_done"] == rounds
+    assert summary["honest_accuracy"]["min"] > 0.3
