@@ -8,9 +8,11 @@ Theory of operation
 - membership: every accepted hello (ours or theirs) brings the other side's known peers (peer
   exchange); we dial those we do not know yet, and every `refresh_s` we re-hello the neighbours
   (to learn their round and notice restarts) and redial wanted ones that are gone.
-- neighbour selection: with `--neighbors` the set is fixed; otherwise we ask known peers for a
-  link (`link` control request) until we have `degree`, in an order both sides agree on (a hash
-  of the pair and the seed), and accept up to degree + 2 incoming requests.
+- neighbour selection: with `--neighbors` the set is fixed, and each hello carries the sender's
+  degree, so we mix with Metropolis-Hastings weights as the simulator does; otherwise we ask
+  known peers for a link (`link` control request) until we have `degree`, in an order both sides
+  agree on (a hash of the pair and the seed), accept up to degree + 2 incoming requests, and mix
+  uniformly (degrees still change).
 The round loop runs `peer.train(1)` per round. Before each round it applies neighbour changes
 (a neighbour that missed `suspect_after` rounds in a row is set aside until it says hello again),
 jumps ahead when a neighbour is further on (a late joiner or a restarted peer catches up), then
