@@ -19,6 +19,10 @@ metrics.jsonl. One JSON line per (algorithm, topology):
 
     python bench/dfedsam.py [--quick] [--rounds R] [--seeds 0 1 2] [--jobs 2]
                             [--curves FILE.json] [--plot FILE.png]
+
+Investigation knobs (docs/results/dfedsam.md): --rho, --lr, --local-steps, --model cnn with
+--norm batch (GroupNorm swapped for BatchNorm), --algorithms (dfedavg-mgs: rho 0 with Q 4, a
+control), and --drift RHO... (no runs: the spread of one round's local updates across peers).
 """
 
 from __future__ import annotations
@@ -140,6 +144,43 @@ def plot(args: argparse.Namespace, runs: dict[tuple[str, str, int], dict[str, An
     plt.close(fig)
 
 
+def drift(args: argparse.Namespace) -> None:
+    """How far, and how differently, the peers move in one round of local training (no gossip).
+
+    From one common x, every peer runs K local steps on its own shard; D_i = y_i - x. Prints the
+    spread (1/n) sum_i ||D_i - mean D||^2 (what gossip has to remove) and the mean ||D_i||^2, for
+    rho 0 and the SAM radii asked, at x = the initial model and after W steps of centralized SGD on
+    the union of the shards (same lr and batch)."""
+    import copy
+
+    import torch
+
+    from p2pfl.learn.models import flatten
+    from p2pfl.learn.train import LocalTrainer, TrainConfig
+
+    torch.set_num_threads(1)
+    s = scenarios.build(scenario_values(args, "dfedavg", 1, args.topologies[0], args.seeds[0]))
+    setup = engine.Setup.build(s)
+    union = setup.tensors(np.concatenate(setup.shards))
+    for warm in (0, 500, 2000):
+        base = copy.deepcopy(setup.init)
+        if warm:
+            cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, local_steps=warm)
+            LocalTrainer(base, *union, cfg, torch.Generator().manual_seed(0)).train_round(0)
+        x0 = flatten(base)
+        for rho in (0.0, *args.drift):
+            cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, local_steps=args.local_steps, rho=rho)
+            moves = []
+            for i, shard in enumerate(setup.shards):
+                m = copy.deepcopy(base)
+                LocalTrainer(m, *setup.tensors(shard), cfg, torch.Generator().manual_seed(i)).train_round(0)
+                moves.append(flatten(m) - x0)
+            D = torch.stack(moves)  # (n, d)
+            print(json.dumps({"bench": "dfedsam-drift", "warm_steps": warm, "rho": rho,
+                              "spread": round(float(((D - D.mean(0)) ** 2).sum(1).mean()), 4),
+                              "mean_sq_move": round(float((D ** 2).sum(1).mean()), 4)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds and one seed (a few minutes on 2 cores)")
@@ -165,10 +206,14 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--curves", help="write every run's per-round curves to this JSON file")
     ap.add_argument("--plot", help="write the accuracy and consensus plot to this PNG")
+    ap.add_argument("--drift", type=float, nargs="+", metavar="RHO",
+                    help="instead: measure one round's local-update spread across peers at these SAM radii")
     args = ap.parse_args()
     args.rounds = args.rounds or (40 if args.quick else 100)
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     args.algos = tuple(a for a in ALGORITHMS if a[0] in args.algorithms)
+    if args.drift:
+        return drift(args)
 
     jobs = {(label, topology, seed): scenario_values(args, preset, q, topology, seed)
             for topology in args.topologies for seed in args.seeds for label, preset, q in args.algos}

@@ -123,7 +123,15 @@ def test_kill_and_resume(tmp_path):
     peers = Peers(tmp_path, 3, rounds=rounds)
     try:
         peers.start_all()
-        wait_for(lambda: peers.rounds_done(2) >= 3, 60, "peer 2 to finish 3 rounds")
+        checkpoint = tmp_path / "p2" / "checkpoint.pt"
+
+        def checkpointed_round() -> int:   # the round event is logged just before the checkpoint
+            try:
+                return torch.load(checkpoint, weights_only=True)["round"]
+            except FileNotFoundError:
+                return -1
+
+        wait_for(lambda: checkpointed_round() >= 3, 60, "peer 2 to checkpoint 3 rounds")
         peers.procs[2].kill()     # SIGKILL mid-training
         peers.procs[2].wait(timeout=10)
         ck = torch.load(tmp_path / "p2" / "checkpoint.pt", weights_only=True)   # never partial

@@ -450,19 +450,21 @@ def trimmed_mean(own: Tensor, received: Tensor, *, f: int) -> Tensor:
 
 def krum(own: Tensor, received: Tensor, *, f: int) -> Tensor:
     """Krum (Blanchard et al. 2017): the input with the lowest sum of squared distances to its n - f - 2
-    nearest other inputs (ties: lowest index). Tolerates f Byzantine inputs when n >= 2f + 3."""
+    nearest other inputs (ties: the lower sum over all inputs, then the lower index). Tolerates f
+    Byzantine inputs when n >= 2f + 3."""
     return _apply("krum", own, received, f, {}, False)[0]
 
 
 def multi_krum(own: Tensor, received: Tensor, *, f: int, m: int | None = None) -> Tensor:
-    """Multi-Krum: the average of the m inputs with the lowest Krum scores (default m = n - f).
-    Needs n >= 2f + 3."""
+    """Multi-Krum: the average of the m inputs with the lowest Krum scores (default m = n - f; ties as in
+    `krum`). Needs n >= 2f + 3."""
     return _apply("multi_krum", own, received, f, {"m": m}, False)[0]
 
 
 def bulyan(own: Tensor, received: Tensor, *, f: int) -> Tensor:
-    """Bulyan (El Mhamdi et al. 2018): select theta = n - 2f inputs by repeated Krum on the remaining set,
-    then per coordinate average the theta - 2f selected values closest to their median. Needs n >= 4f + 3."""
+    """Bulyan (El Mhamdi et al. 2018): select theta = n - 2f inputs by repeated Krum on the remaining set
+    (r - f - 2 neighbours when r remain; its structural ties are broken as in `krum`), then per coordinate
+    average the theta - 2f selected values closest to their median. Needs n >= 4f + 3."""
     return _apply("bulyan", own, received, f, {}, False)[0]
 
 
