@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from pathlib import Path
 from typing import Final
 
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
+from p2pfl.files import atomic_write
 
 __all__ = [
     "Identity",
@@ -242,25 +242,7 @@ class Identity:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _encode_private_key_message(self.private_bytes())
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            try:
-                if hasattr(os, "fchmod"):
-                    os.fchmod(fd, 0o600)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(path.parent)
+        atomic_write(path, data, mode=0o600)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Identity:
@@ -293,13 +275,3 @@ def _private_key_from_message(raw: bytes) -> Ed25519PrivateKey:
         if data[SEED_LEN:] != pub:
             raise ValueError("embedded public key does not match the private key")
     return key
-
-
-def _fsync_dir(directory: Path) -> None:
-    if not hasattr(os, "O_DIRECTORY"):  # pragma: no cover - Windows cannot fsync a directory
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

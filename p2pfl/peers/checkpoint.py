@@ -20,7 +20,7 @@ import torch
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn.train import LocalTrainer
-from p2pfl.sim.results import atomic_write
+from p2pfl.files import atomic_write
 
 FILENAME = "checkpoint.pt"
 VERSION = 1

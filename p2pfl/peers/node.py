@@ -45,8 +45,8 @@ from p2pfl.peers import checkpoint
 from p2pfl.peers.libp2p import Hello, HelloRefused, Libp2pTransport
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.settings import PeerSettings
-from p2pfl.sim.partition import partition
-from p2pfl.sim.results import MetricsLog, write_json
+from p2pfl.learn.partition import partition
+from p2pfl.files import MetricsLog, write_json
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 from p2pfl.errors import ConfigError
 from p2pfl.learn.train import TrainConfig
 from p2pfl.robust import RULES
-from p2pfl.sim.partition import parse_partition
+from p2pfl.learn.partition import parse_partition
 
 if sys.version_info >= (3, 11):
     import tomllib

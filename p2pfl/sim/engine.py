@@ -35,8 +35,9 @@ from p2pfl.learn.train import LocalTrainer, evaluate
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.sim import attacks
-from p2pfl.sim.partition import partition
-from p2pfl.sim.results import MetricsLog, accuracy_table, plot_accuracy, plot_consensus, read_events, write_json
+from p2pfl.learn.partition import partition
+from p2pfl.files import MetricsLog, write_json
+from p2pfl.sim.results import accuracy_table, plot_accuracy, plot_consensus, read_events
 from p2pfl.sim.scenario import Scenario
 
 Progress = Callable[[int, dict[str, Any]], None]

@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from p2pfl.errors import ConfigError, P2PFLError
-from p2pfl.sim.results import MetricsLog, accuracy_table, plot_accuracy, read_events, write_json
+from p2pfl.files import MetricsLog, write_json
+from p2pfl.sim.results import accuracy_table, plot_accuracy, read_events
 
 if TYPE_CHECKING:
     from p2pfl.sim.scenario import Scenario

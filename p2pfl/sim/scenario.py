@@ -26,7 +26,7 @@ from p2pfl.learn.models import MODELS
 from p2pfl.learn.train import TrainConfig, algorithm_name, algorithm_preset
 from p2pfl.robust import RULES
 from p2pfl.sim.attacks import check_scenario
-from p2pfl.sim.partition import parse_partition
+from p2pfl.learn.partition import parse_partition
 from p2pfl.sim.procs import FAULT_KEYS, check_faults, fault_entries
 
 if sys.version_info >= (3, 11):

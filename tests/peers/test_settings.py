@@ -6,7 +6,7 @@ import pytest
 
 from p2pfl.errors import ConfigError
 from p2pfl.peers import checkpoint
-from p2pfl.peers.settings import PeerSettings, load
+from p2pfl.peers.settings import load
 
 
 def test_example_peer_toml_loads_and_flags_override_it():

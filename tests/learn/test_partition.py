@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.errors import ConfigError
-from p2pfl.sim.partition import PartitionSpec, parse_partition, partition
+from p2pfl.learn.partition import PartitionSpec, parse_partition, partition
 
 ALLOWED = "allowed: iid, dirichlet:ALPHA, classes:K"
 
