@@ -38,9 +38,12 @@ async def started(stack: AsyncExitStack, *ts: Libp2pTransport) -> None:
         await stack.enter_async_context(t)
 
 
-def test_three_peers_over_libp2p_converge():
+@pytest.mark.parametrize("q", [1, 3])
+def test_three_peers_over_libp2p_converge(q):
+    """Q gossip steps per round (DFedSAM-MGS) run over libp2p as Q (round, step) exchanges."""
     g = torch.Generator().manual_seed(0)
-    config = PeerConfig(train=TrainConfig(lr=0.2, local_steps=10, batch_size=16), step_timeout_s=20.0)
+    config = PeerConfig(train=TrainConfig(lr=0.2, local_steps=10, batch_size=16), step_timeout_s=20.0,
+                        gossip_steps=q)
     rounds = 4
 
     async def main():
@@ -71,12 +74,12 @@ def test_three_peers_over_libp2p_converge():
     peers, events, ts = trio.run(main)
     assert all(p.round == rounds for p in peers)
     # full mesh, uniform weights 1/3, every frame arrived: exact consensus after every round
-    assert all(e["received"] == 2 and e["missing"] == [] for e in events)
+    assert all(e["received"] == 2 * q and e["missing"] == [] for e in events)
     vecs = [flatten(p.model) for p in peers]
     assert all(torch.allclose(vecs[0], v, atol=1e-5) for v in vecs[1:])
     last = [e["accuracy"] for e in events if e["round"] == rounds - 1]
     assert min(last) > 0.8
-    assert all(t.stats.frames_sent == 2 * rounds and t.stats.frames_received == 2 * rounds for t in ts)
+    assert all(t.stats.frames_sent == 2 * rounds * q and t.stats.frames_received == 2 * rounds * q for t in ts)
     assert all(not t.stats.rejected for t in ts)
 
 
