@@ -54,6 +54,9 @@ class PeerConfig:
     max_ahead_rounds: int = 2          # frames further ahead are refused (bounded buffering)
     eval_every: int = 1                # evaluate on the test set every k rounds (and at the last)
     seed: int = 0                      # this peer's mini-batch order
+    # False where neighbours join and leave at run time (a real peer): the caller checks the rule once
+    # against the planned degree, and a step with too few inputs keeps the own vector
+    check_degree: bool = True
 
     def __post_init__(self) -> None:
         if self.gossip_steps < 1:
@@ -105,7 +108,8 @@ class Peer:
         weights = {p: (1.0 / (degree + 1) if w is None else float(w)) for p, w in neighbors.items()}
         if any(w < 0 for w in weights.values()) or sum(weights.values()) > 1 + 1e-6:
             raise ConfigError(f"mixing weights must be >= 0 and sum to at most 1, got {sorted(weights.values())}")
-        check_rule(self.config.aggregator, degree, self.config.f, **self.config.aggregator_params)
+        if self.config.check_degree:
+            check_rule(self.config.aggregator, degree, self.config.f, **self.config.aggregator_params)
         self.weights = weights
         self.tracker.set_neighbors(weights)
 

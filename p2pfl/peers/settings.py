@@ -13,13 +13,14 @@ import dataclasses
 import sys
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn.train import TrainConfig
 from p2pfl.robust import RULES
+from p2pfl.robust.attacks import ATTACKS, check_attack
 from p2pfl.learn.partition import parse_partition
 
 if sys.version_info >= (3, 11):
@@ -68,6 +69,10 @@ class PeerSettings:
     f: int = 0
     step_timeout: float = 30.0
     eval_every: int = 1
+    # Byzantine fault injection: this peer lies (p2pfl.sim.attacks.AttackerPeer, local view)
+    attack: str = "none"                # "none" or a name in p2pfl.robust.attacks.ATTACKS
+    attack_params: dict[str, Any] = field(default_factory=dict)   # e.g. {sigma = 10} (gaussian)
+    colluders: tuple[str, ...] = ()     # peer IDs of the other attackers (it spares them)
 
     def __post_init__(self) -> None:
         self.shard_index()
@@ -88,6 +93,22 @@ class PeerSettings:
         if self.delay_ms < 0:
             raise ConfigError(f"delay_ms: must be >= 0, got {self.delay_ms}")
         self.train_config()
+        self.check_attack()
+
+    def check_attack(self) -> None:
+        """The attack keys: a known attack, its params (ConfigError naming the key), nothing given for none."""
+        if self.attack == "none":
+            for key in ("attack_params", "colluders"):
+                if getattr(self, key):
+                    raise ConfigError(f"{key}: given, but attack = 'none'")
+            return
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"attack: unknown value {self.attack!r}; allowed: none, {', '.join(sorted(ATTACKS))}")
+        peer = check_attack(self.attack, self.attack_params).get("peer")
+        if isinstance(peer, int):
+            raise ConfigError("attack_params.peer (mimic): a real peer knows no peer order; give a peer ID")
+        if self.resume:
+            raise ConfigError("resume: an attacker (attack) keeps no checkpoint; start it without resume")
 
     def shard_index(self) -> tuple[int, int]:
         try:

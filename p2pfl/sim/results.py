@@ -8,6 +8,7 @@ summary; metrics.jsonl is append-only and flushed at the end of every round.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections import defaultdict
@@ -77,8 +78,13 @@ def plot_accuracy(table: dict[str, Any], path: str | Path, title: str = "") -> N
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(title)
+    _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    import io
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -93,8 +99,6 @@ def consensus_curve(events: list[dict[str, Any]]) -> tuple[list[int], list[float
 
 def plot_consensus(events: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """consensus.png: (1/n) sum_i ||x_i - x_bar||^2 per round, log scale."""
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,11 +112,7 @@ def plot_consensus(events: list[dict[str, Any]], path: str | Path, title: str = 
     ax.set_ylabel("consensus distance (1/n) Σ‖x_i − x̄‖²")
     ax.grid(alpha=0.3, which="both")
     ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    _save_png(fig, path)
 
 
 def report(run_dir: str | Path) -> dict[str, Any]:
