@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 from pathlib import Path
@@ -77,6 +78,19 @@ def _attackers_flag(value: str | None) -> float | list[int] | None:
         raise ConfigError(f"--attackers: expected a fraction (0.3) or peer indices (1,5), got {value!r}") from None
 
 
+def _attack_params_flag(value: str | None) -> dict[str, Any] | None:
+    """--attack-params: a JSON object, e.g. '{"sigma": 10}' (the TOML key is a table)."""
+    if value is None:
+        return None
+    try:
+        params = json.loads(value)
+    except ValueError:
+        params = None
+    if not isinstance(params, dict):
+        raise ConfigError(f"--attack-params: expected a JSON object such as '{{\"sigma\": 10}}', got {value!r}")
+    return params
+
+
 @app.command()
 def sim(
     scenario: Optional[Path] = typer.Argument(None, help="scenario TOML file; the embedded default if omitted"),
@@ -112,7 +126,7 @@ def sim(
     from p2pfl.sim import engine
     from p2pfl.sim import scenario as scenarios
 
-    overrides = dict(peers=peers, rounds=rounds, topology=topology, dataset=dataset, partition=partition,
+    overrides: dict[str, Any] = dict(peers=peers, rounds=rounds, topology=topology, dataset=dataset, partition=partition,
                      seed=seed, model=model, aggregator=aggregator, gossip_steps=gossip_steps, lr=lr,
                      local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size, wire=wire,
                      algorithm=algorithm, rho=rho, lr_decay=lr_decay, momentum=momentum, weight_decay=weight_decay,
@@ -196,6 +210,11 @@ def peer(
     batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
     step_timeout: Optional[float] = typer.Option(None, help="seconds to wait for neighbours in one gossip step [30]"),
     delay_ms: Optional[float] = typer.Option(None, help="inject this delay before every outbound frame"),
+    attack: Optional[str] = typer.Option(None, help="make this peer Byzantine: sign_flip, gaussian, label_flip, alie, "
+                                                    "ipm, dissensus, free_rider, silent, mimic [none]"),
+    attack_params: Optional[str] = typer.Option(None, help="the attack's parameters as a JSON object, "
+                                                           "e.g. '{\"sigma\": 10}'"),
+    colluders: Optional[str] = typer.Option(None, help="comma-separated peer IDs of the other attackers (spared)"),
 ) -> None:
     """Run one real peer over libp2p: train on a shard, gossip with neighbours, checkpoint every round."""
     import logging
@@ -209,8 +228,10 @@ def peer(
         start_timeout=start_timeout, rounds=rounds, out=out, resume=resume, network_key=network_key, allow=allow,
         device=device, threads=threads, dataset=dataset, shard=shard, partition=partition, seed=seed, model=model,
         aggregator=aggregator, gossip_steps=gossip_steps, lr=lr, local_epochs=local_epochs, local_steps=local_steps,
-        batch_size=batch_size, step_timeout=step_timeout, delay_ms=delay_ms)
+        batch_size=batch_size, step_timeout=step_timeout, delay_ms=delay_ms, attack=attack,
+        colluders=tuple(c for c in (colluders or "").split(",") if c))
     try:
+        overrides["attack_params"] = _attack_params_flag(attack_params)
         s = peer_settings.load(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
         from p2pfl.peers import node   # importing libp2p resets its loggers: quiet them afterwards
 

@@ -81,7 +81,7 @@ _MAX_INT: Final = 2**63 - 1
 _MAX_TOTAL: Final = 2**32 - 1
 
 # Wire dtype -> little-endian numpy storage dtype (bf16: raw bits as uint16).
-_NP_DTYPES: Final = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
+_NP_DTYPES: Final[dict[str, np.dtype[Any]]] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
 _WIRE_DTYPES: Final = {dt.str: name for name, dt in _NP_DTYPES.items()}
 DTYPES: Final = tuple(_NP_DTYPES)
 # (mask, threshold): a value is NaN/Inf iff (bits & mask) >= threshold (exponent all ones).
@@ -159,7 +159,7 @@ def encode(
     problem = _field_problem(kind, round, step, schema)
     if problem:
         raise LocalProtocolError(f"cannot encode frame: {problem}")
-    body = memoryview(arr.view(np.uint8))
+    body = arr.view(np.uint8).data  # a memoryview of the payload's own memory
     header: dict[str, Any] = {
         "digest": _digest(body),
         "dtype": dtype,
