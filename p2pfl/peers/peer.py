@@ -198,10 +198,7 @@ class Peer:
         received = self.tracker.finish(timed_out)
         info: Event = {"received": len(received), "missing": missing}
         if received:
-            stacked = torch.stack(list(received.values())).to(x.device)  # (m, d); frames arrive on the CPU
-            # a real peer's view of consensus: squared distance to its neighbours' mean
-            info["neighbor_distance"] = float(torch.dist(x, stacked.mean(0)) ** 2)
-            x = await self._compute(self._aggregate, x, list(received), stacked)
+            x, info["neighbor_distance"] = await self._compute(self._aggregate, x, received)
         return x, info
 
     async def prepare_step(self, t: int, q: int, x: torch.Tensor) -> None:
@@ -213,21 +210,28 @@ class Peer:
         its own x to everyone; the simulator's attackers override this."""
         return x
 
-    def _aggregate(self, own: torch.Tensor, senders: list[str], stacked: torch.Tensor) -> torch.Tensor:
-        """x <- rule(own, received); `stacked` (m, d) holds the vectors of `senders`, in that order."""
+    def _aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """(x <- rule(own, received), squared distance of own to the neighbours' mean: a real peer's
+        view of consensus)."""
         cfg = self.config
         if cfg.aggregator == "mixing":
-            # x_i <- W_ii x_i + sum_j W_ij x_j. A missing neighbour's weight stays with us, so the
-            # row still sums to 1. (The weights were validated once, in set_neighbors.)
-            w_nb = torch.tensor([self.weights[p] for p in senders], dtype=own.dtype, device=own.device)
-            return own * (1.0 - float(w_nb.sum())) + w_nb @ stacked
-        params = dict(cfg.aggregator_params)
+            # x_i <- W_ii x_i + sum_j W_ij x_j, accumulated in place (cheaper than stacking for the
+            # few neighbours of a sparse overlay). A missing neighbour's weight stays with us, so the
+            # row still sums to 1; the weights were validated once, in set_neighbors.
+            total, mixed = torch.zeros_like(own), own * (1.0 - sum(self.weights[p] for p in received))
+            for p, v in received.items():
+                v = v.to(own.device)  # frames arrive on the CPU
+                total.add_(v)
+                mixed.add_(v, alpha=self.weights[p])
+            return mixed, float(torch.dist(own, total.div_(len(received)))) ** 2
+        stacked = torch.stack(list(received.values())).to(own.device)  # (m, d)
+        distance = float(torch.dist(own, stacked.mean(0))) ** 2
         try:
-            return aggregate(cfg.aggregator, own, stacked, f=cfg.f, **params).vector
+            return aggregate(cfg.aggregator, own, stacked, f=cfg.f, **cfg.aggregator_params).vector, distance
         except ConfigError as e:   # too few inputs arrived for the rule this step: keep our own vector
             self.rejected["too_few_inputs"] += 1
             log.warning("%s: round %d: %s; keeping own vector", self.id, self.tracker.current[0], e)
-            return own
+            return own, distance
 
     async def _receive_loop(self) -> None:
         async for sender, frame in self.transport.receive():

@@ -301,12 +301,12 @@ class AttackerPeer(Peer):
     def outgoing(self, t: int, q: int, x: torch.Tensor, neighbor: str) -> torch.Tensor | None:
         return self._crafted.get(neighbor, x)
 
-    def _aggregate(self, own: torch.Tensor, senders: list[str], stacked: torch.Tensor) -> torch.Tensor:
+    def _aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         if self.attack == "free_rider" and self.params["mode"] == "mean":
-            return craft.received_mean(stacked)
+            return craft.received_mean(torch.stack(list(received.values()))), 0.0
         if self.attack not in AGGREGATING:
-            return own  # its own model plays no part in what it sends
-        return super()._aggregate(own, senders, stacked)
+            return own, 0.0  # its own model plays no part in what it sends
+        return super()._aggregate(own, received)
 
 
 # ------------------------------------------------------------------------------------------ casting

@@ -90,9 +90,9 @@ class Recording(ObservedPeer):
         await super().prepare_step(t, q, x)
         self.sent[(t, q)] = x.clone()
 
-    def _aggregate(self, own, senders, stacked):
-        self.got[self.tracker.current] = {s: row.clone() for s, row in zip(senders, stacked)}
-        return super()._aggregate(own, senders, stacked)
+    def _aggregate(self, own, received):
+        self.got[self.tracker.current] = {s: v.clone() for s, v in received.items()}
+        return super()._aggregate(own, received)
 
 
 def triangle(attack: str, params: dict, omniscient: bool) -> tuple[Recording, Recording, AttackerPeer]:
