@@ -16,7 +16,10 @@ Theory of operation
 The round loop runs `peer.train(1)` per round. Before each round it applies neighbour changes
 (a neighbour that missed `suspect_after` rounds in a row is set aside until it says hello again),
 jumps ahead when a neighbour is further on (a late joiner or a restarted peer catches up), then
-trains, logs the round event and writes the checkpoint. SIGTERM/SIGINT cancels the round in
+trains, logs the round event and writes the checkpoint. With `attack` set the peer is an
+`AttackerPeer` in its local view (it crafts from what its own neighbours send it, sparing the
+`colluders`); it is not evaluated, writes no checkpoint (its trainer may be a stand-in) and its
+summary says `attack` and `byzantine: true`. SIGTERM/SIGINT cancels the round in
 progress; the node rewrites the checkpoint of the last completed round, closes its streams and
 returns 0.
 """
@@ -45,6 +48,7 @@ from p2pfl.peers import checkpoint
 from p2pfl.peers.libp2p import Hello, HelloRefused, Libp2pTransport
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.settings import PeerSettings
+from p2pfl.robust import check_rule
 from p2pfl.learn.partition import partition
 from p2pfl.files import MetricsLog, write_json
 
@@ -109,10 +113,25 @@ class Node:
         allow = set(_read_lines(s.allow, "allowlist")) if s.allow else None
         self.transport = Libp2pTransport(self.identity, Hello(schema=self.schema, settings=s.protocol_settings()),
                                          listen=s.listen, psk=psk, allow=allow, delay_s=s.delay_ms / 1000)
+        self.explicit = {_peer_of(a) for a in s.neighbors}
+        planned = len(self.explicit) or s.degree    # neighbours join one by one: check the rule once, here
+        try:
+            check_rule(s.aggregator, planned, s.f)
+        except ConfigError as e:
+            raise ConfigError(f"aggregator: with {planned} planned neighbour(s): {e}") from None
         config = PeerConfig(train=s.train_config(), gossip_steps=s.gossip_steps, aggregator=s.aggregator, f=s.f,
-                            step_timeout_s=s.step_timeout, eval_every=s.eval_every, seed=s.seed * 100_003 + i)
-        self.peer = Peer(model, train, transport=self.transport, neighbors={}, config=config, test_data=test,
-                         offload=True)
+                            step_timeout_s=s.step_timeout, eval_every=s.eval_every, seed=s.seed * 100_003 + i,
+                            check_degree=False)
+        self.byzantine = s.attack != "none"
+        if self.byzantine:   # not evaluated: honest accuracy is what counts
+            from p2pfl.sim.attacks import AttackerPeer
+
+            self.peer: Peer = AttackerPeer(model, train, attack=s.attack, attack_params=s.attack_params,
+                                           transport=self.transport, neighbors={}, config=config,
+                                           colluders=s.colluders, num_classes=data.num_classes, offload=True)
+        else:
+            self.peer = Peer(model, train, transport=self.transport, neighbors={}, config=config, test_data=test,
+                             offload=True)
         self.peer.on_event = self._on_round
         self.resumed_from: int | None = None
         if s.resume:
@@ -124,7 +143,6 @@ class Node:
                 self.peer.vector = self.peer.flat.get()   # x_i after the checkpointed round
             self.peer.round = self.resumed_from = ck.round
         self._last_snapshot: bytes | None = None
-        self.explicit = {_peer_of(a) for a in s.neighbors}
         self.transport.degree = len(self.explicit)   # a fixed overlay advertises its degree: MH weights
         self.links: set[str] = set(self.explicit)
         self.misses: Counter[str] = Counter()
@@ -198,6 +216,8 @@ class Node:
             self.transport.round = self.peer.round
             await self.peer.train(1)
             self.transport.round = self.peer.round
+            if self.byzantine:
+                continue   # an attacker keeps no checkpoint (settings refuse resume with an attack)
             self._last_snapshot = checkpoint.snapshot(self.peer.trainer, round=self.peer.round,
                                                       peer_id=self.identity.peer_id, schema=self.schema)
             await trio.to_thread.run_sync(checkpoint.write, self.out, self._last_snapshot)
@@ -346,6 +366,7 @@ class Node:
             "send_failures": self.transport.stats.send_failures,
             "wall_s": wall_s, "peer_rounds_per_s": len(self.events) / wall_s if wall_s > 0 else math.nan,
             "rejected": rejected, "neighbors": sorted(self.peer.tracker.neighbors), "device": str(self.device),
+            "attack": s.attack, "byzantine": self.byzantine,
         }
 
 

@@ -19,6 +19,9 @@ index in `peer` (as the in-process engine writes it), drives the progress callba
 round, mean accuracy), and runs the faults: `kill` SIGKILLs a peer by PID once it reports round
 `at_round` and, after `restart_after_s`, restarts it with `--resume` on its folder (checkpoints are
 atomic, so that is its last completed round); `delay` gives a peer the transport's `--delay-ms`.
+With `attack`/`attackers`, the peers `choose_attackers` picks (as the in-process engine does) run with
+`--attack` and the other attackers as `--colluders`: real liars in their local view, over real TCP.
+They are not evaluated and keep no checkpoint; honest accuracy and consensus cover the others.
 When every process has exited, the peers' summaries become one summary.json with the in-process
 engine's keys. Processes are stopped by PID only: on an error, a timeout or Ctrl-C, SIGTERM (the
 peer writes its checkpoint and exits 0), then SIGKILL after a grace period.
@@ -152,9 +155,6 @@ def check_faults(s: Scenario) -> None:
                 raise ConfigError(f"{key}: faults run on real processes only; set engine = \"procs\" "
                                   f"(or --engine procs)")
         return
-    if s.attack != "none":
-        raise ConfigError("attack: the procs engine runs honest `p2pfl peer` processes only; "
-                          "use engine = \"inproc\" for attacks")
     if s.aggregator_params:
         raise ConfigError("aggregator_params: `p2pfl peer` has no such setting; remove it or use engine = \"inproc\"")
     if s.loss:
@@ -230,6 +230,7 @@ class _Peer:
     final_accuracy: float | None = None  # reported for the last round
     lives: list[dict[str, Any]] = field(default_factory=list)   # per process: last bytes_sent, rejected
     killed: bool = False                 # the current process was SIGKILLed by us
+    byzantine: bool = False              # runs `--attack`: not evaluated, no checkpoint
     restart_at: float | None = None
 
     @property
@@ -376,6 +377,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     """Run `scenario` as real peer processes; write metrics.jsonl, summary.json, accuracy.png to
     `out_dir` (and one folder per peer). `timeout_s` bounds the whole run (PeerFailed past it)."""
     from p2pfl.gossip.topology import spectral_gap
+    from p2pfl.sim.attacks import choose_attackers
     from p2pfl.sim.engine import Setup
 
     s = scenario
@@ -384,12 +386,15 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     (out / "metrics.jsonl").unlink(missing_ok=True)
     wall = time.perf_counter()
     setup = Setup.build(s)
+    byzantine = choose_attackers(s.attackers, s.peers, s.seed) if s.attack != "none" else []   # as engine.run
     log = MetricsLog(out / "metrics.jsonl")
-    log.write({"kind": "run", "round": -1, "name": s.name, "scenario": s.to_dict(), "honest": list(range(s.peers)),
-               "byzantine": [], "attack": s.attack, "spectral_gap": spectral_gap(setup.W),
+    log.write({"kind": "run", "round": -1, "name": s.name, "scenario": s.to_dict(),
+               "honest": [i for i in range(s.peers) if i not in byzantine], "byzantine": byzantine,
+               "attack": s.attack, "spectral_gap": spectral_gap(setup.W),
                "peer_ids": [ident.peer_id for ident in setup.identities], "engine": "procs"})
     ports = [_reserve_port() for _ in range(s.peers)]
-    fleet = _Fleet(s, out, _peers(s, out, setup, [sock.getsockname()[1] for sock in ports]), log, progress)
+    fleet = _Fleet(s, out, _peers(s, out, setup, [sock.getsockname()[1] for sock in ports], byzantine), log,
+                   progress)
     stall_s = STARTUP_S + 4 * s.step_timeout_s * s.gossip_steps + 60
     on_term = _terminate_as_interrupt()
     try:
@@ -431,8 +436,20 @@ def _terminate_as_interrupt() -> Any:
     return signal.signal(signal.SIGTERM, interrupt)
 
 
-def _peers(s: Scenario, out: Path, setup: Any, ports: list[int]) -> list[_Peer]:
-    """Each peer's folder (its key saved there), and its command: shard, port, neighbours' multiaddrs."""
+def _attack_argv(s: Scenario, ids: list[str], byzantine: list[int], i: int) -> list[str]:
+    """The flags that make peer i an attacker (local view: it knows its colluders, not the graph)."""
+    params = dict(s.attack_params)
+    if isinstance(params.get("peer"), int):   # mimic: a scenario names a peer index, a real peer an ID
+        params["peer"] = ids[params["peer"]]
+    argv = ["--attack", s.attack] + (["--attack-params", json.dumps(params)] if params else [])
+    others = [ids[j] for j in byzantine if j != i]
+    return argv + (["--colluders", ",".join(others)] if others else [])
+
+
+def _peers(s: Scenario, out: Path, setup: Any, ports: list[int],
+           byzantine: tuple[int, ...] | list[int] = ()) -> list[_Peer]:
+    """Each peer's folder (its key saved there), and its command: shard, port, neighbours' multiaddrs,
+    and for the `byzantine` ones the attack flags."""
     from p2pfl.gossip.topology import neighbors
 
     nbrs = neighbors(setup.adjacency)
@@ -453,7 +470,9 @@ def _peers(s: Scenario, out: Path, setup: Any, ports: list[int]) -> list[_Peer]:
                 "--neighbors", ",".join(f"{addrs[j]}/p2p/{ids[j]}" for j in nbrs[i])]
         if i in delay:
             argv += ["--delay-ms", f"{delay[i]:g}"]
-        peers.append(_Peer(i, d, argv, nbrs[i], _Tail(d / "metrics.jsonl")))
+        if i in byzantine:
+            argv += _attack_argv(s, ids, list(byzantine), i)
+        peers.append(_Peer(i, d, argv, nbrs[i], _Tail(d / "metrics.jsonl"), byzantine=i in byzantine))
     return peers
 
 
@@ -507,10 +526,13 @@ def _finish(s: Scenario, out: Path, setup: Any, fleet: _Fleet, log: MetricsLog, 
     from p2pfl.sim import attacks
 
     peers = fleet.peers
-    finished = [p for p in peers if p.done == s.rounds and (p.dir / "checkpoint.pt").exists()]
-    bytes_sent, rejected = _totals(peers)
-    accs = [p.final_accuracy for p in peers if p.final_accuracy is not None] or \
-           [p.accuracy for p in peers if p.accuracy is not None]
+    good = [p for p in peers if not p.byzantine]     # honest accuracy and consensus are over these only
+    byzantine = [p.index for p in peers if p.byzantine]
+    finished = [p for p in good if p.done == s.rounds and (p.dir / "checkpoint.pt").exists()]
+    bytes_sent, _ = _totals(peers)
+    _, rejected = _totals(good)                      # as the in-process engine: what honest peers refused
+    accs = [p.final_accuracy for p in good if p.final_accuracy is not None] or \
+           [p.accuracy for p in good if p.accuracy is not None]
     honest = {"mean": float(np.mean(accs)), "min": float(np.min(accs)), "max": float(np.max(accs))} if accs else \
              {"mean": None, "min": None, "max": None}
     distance = _consensus([p.dir for p in finished])
@@ -519,9 +541,10 @@ def _finish(s: Scenario, out: Path, setup: Any, fleet: _Fleet, log: MetricsLog, 
     for t, acc in enumerate(central):
         log.write({"kind": "centralized", "round": t, "accuracy": acc})
     log.close()
-    table = accuracy_table(read_events(out))
+    table = accuracy_table(read_events(out), {p.index for p in good})
     if table["rounds"]:
-        plot_accuracy(table, out / "accuracy.png", f"{s.name}: {s.peers} peer processes")
+        plot_accuracy(table, out / "accuracy.png", f"{s.name}: {s.peers} peer processes" +
+                      (f", honest peers ({len(byzantine)} {s.attack} attackers)" if byzantine else ""))
     rounds_run = sum(1 for e in read_events(out) if e.get("kind") == "round")
     up = fleet.all_up
     training = (fleet.last_round or 0.0) - up if up is not None else 0.0
@@ -542,8 +565,9 @@ def _finish(s: Scenario, out: Path, setup: Any, fleet: _Fleet, log: MetricsLog, 
         "per_peer_accuracy": [p.accuracy for p in peers],
         "rounds_done": [p.done for p in peers],
         "faults": fleet.faults,
-        "attack": s.attack, "attack_params": dict(s.attack_params), "attackers": 0, "byzantine": [],
-        "byzantine_neighbors": attacks.byzantine_neighbors(neighbors(setup.adjacency), []),
+        "attack": s.attack, "attack_params": dict(s.attack_params), "attackers": len(byzantine),
+        "byzantine": byzantine,
+        "byzantine_neighbors": attacks.byzantine_neighbors(neighbors(setup.adjacency), byzantine),
     }
     write_json(out / "summary.json", summary)
     return summary

@@ -51,3 +51,53 @@ def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
     with pytest.raises(ConfigError, match="no checkpoint.pt"):
         checkpoint.load(tmp_path / "missing")
+
+
+# -- Byzantine keys: attack, attack_params, colluders ------------------------------------------------
+def test_attack_keys_load_from_toml_and_flags(tmp_path):
+    f = tmp_path / "peer.toml"
+    f.write_text('attack = "gaussian"\nattack_params = {sigma = 10}\ncolluders = ["12D3KooWa"]\n')
+    s = load(f, {})
+    assert (s.attack, s.attack_params, s.colluders) == ("gaussian", {"sigma": 10}, ("12D3KooWa",))
+    s = load(f, {"attack": "sign_flip", "attack_params": {"scale": 2.0}})
+    assert (s.attack, s.attack_params) == ("sign_flip", {"scale": 2.0})
+    assert load(None, {}).attack == "none"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"attack": "nope"}, r"attack: unknown value 'nope'; allowed: none, alie, dissensus, .*sign_flip"),
+    ({"attack": "gaussian", "attack_params": {"sigma": -1}}, r"attack_params.sigma \(gaussian\) must be a positive"),
+    ({"attack": "gaussian", "attack_params": {"eps": 1}}, "gaussian has no parameter 'eps'"),
+    ({"attack_params": {"sigma": 1}}, "attack_params: given, but attack = 'none'"),
+    ({"colluders": ("x",)}, "colluders: given, but attack = 'none'"),
+    ({"attack": "mimic", "attack_params": {"peer": 2}}, "mimic.*give a peer ID"),
+    ({"attack": "sign_flip", "resume": "somewhere"}, "resume: an attacker"),
+    ({"attack": "sign_flip", "attack_params": "scale=2"}, "attack_params: expected dict"),
+])
+def test_bad_attack_settings_name_the_key(values, message):
+    with pytest.raises(ConfigError, match=message):
+        load(None, values)
+
+
+def test_attack_params_flag_is_a_json_object():
+    from p2pfl.cli import _attack_params_flag
+
+    assert _attack_params_flag(None) is None
+    assert _attack_params_flag('{"sigma": 10, "mode": "noise"}') == {"sigma": 10, "mode": "noise"}
+    for bad in ("sigma=10", "[1, 2]", "{"):
+        with pytest.raises(ConfigError, match=r"--attack-params: expected a JSON object"):
+            _attack_params_flag(bad)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--attack", "nope"], "attack: unknown value 'nope'; allowed: none, alie,"),
+    (["--attack", "gaussian", "--attack-params", "sigma=3"], "--attack-params: expected a JSON object"),
+])
+def test_peer_cli_rejects_a_bad_attack_in_one_line(tmp_path, args, needle):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "p2pfl.cli", "peer", "--out", str(tmp_path), *args],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.iterdir())       # refused before a key, socket or file was made

@@ -40,7 +40,8 @@ FAST = dict(peers=4, topology="ring", dataset="digits", local_steps=20, step_tim
     ({"delay": [{"peer": 2, "ms": 5}, {"peer": 2, "ms": 9}]}, "delay[1].peer: peer 2 already has a delay"),
     ({"engine": "inproc", "kill": [{"peer": 1, "at_round": 1}]}, "kill: faults run on real processes only"),
     ({"engine": "inproc", "delay": {"peer": 1, "ms": 10}}, "delay: faults run on real processes only"),
-    ({"attack": "sign_flip", "attackers": [1]}, "attack: the procs engine runs honest"),
+    ({"attack": "sign_flip", "attackers": [4]}, "attackers: peer indices must be integers in [0, 4)"),
+    ({"attack": "nope", "attackers": [1]}, "attack: unknown value 'nope'"),
     ({"engine": "threads"}, "engine: unknown value 'threads'; allowed: inproc, procs"),
 ])
 def test_a_bad_fault_spec_is_a_config_error_naming_the_key(values, needle):
@@ -67,6 +68,27 @@ def test_the_peer_toml_is_what_p2pfl_peer_loads(tmp_path):
     assert (p.rounds, p.local_steps, p.step_timeout, p.hidden, p.rho, p.delay_ms, p.device, p.threads) == \
         (3, 20, 4.0, (32, 16), 0.05, 5.0, "cpu", 1)
     assert p.train_config() == s.train_config()
+
+
+def test_attackers_get_the_attack_flags_and_know_their_colluders(tmp_path):
+    from p2pfl.sim.attacks import choose_attackers
+    from p2pfl.sim.engine import Setup
+
+    s = scenarios.build({**FAST, "rounds": 3, "topology": "full", "aggregator": "median", "f": 1,
+                         "attack": "mimic", "attackers": [1, 3], "attack_params": {"peer": 0}})
+    setup = Setup.build(s)
+    ids = [ident.peer_id for ident in setup.identities]
+    byz = choose_attackers(s.attackers, s.peers, s.seed)
+    peers = procs._peers(s, tmp_path, setup, [1000 + i for i in range(4)], byz)
+    assert [p.byzantine for p in peers] == [False, True, False, True]
+    argv = peers[1].argv
+    assert argv[argv.index("--attack") + 1] == "mimic" and argv[argv.index("--colluders") + 1] == ids[3]
+    assert json.loads(argv[argv.index("--attack-params") + 1]) == {"peer": ids[0]}   # an index becomes an ID
+    assert "--attack" not in peers[0].argv and "--attack" not in peers[2].argv
+    # what p2pfl peer makes of it: the shared peer.toml plus the attacker's flags
+    s1 = peer_settings.load(tmp_path / "peer.toml", {"attack": "mimic", "attack_params": {"peer": ids[0]},
+                                                     "colluders": (ids[3],)})
+    assert (s1.attack, s1.aggregator, s1.f) == ("mimic", "median", 1)
 
 
 def test_a_torn_line_left_by_sigkill_is_dropped(tmp_path):
@@ -137,3 +159,28 @@ def test_a_killed_peer_resumes_from_its_checkpoint_and_finishes(tmp_path):
     final = json.loads((tmp_path / "peer-3" / "summary.json").read_text())
     assert final["resumed_from"] == resumed and final["rounds_done"] == rounds
     assert summary["honest_accuracy"]["min"] > 0.3
+
+
+@pytest.mark.slow
+def test_a_sign_flip_peer_process_is_byzantine_and_median_keeps_the_honest_ones_learning(tmp_path):
+    # full graph on 4 peers: degree 3, n = 4 inputs, median tolerates f = 1
+    s = scenarios.build({**FAST, "name": "procs-byz", "rounds": 3, "topology": "full", "aggregator": "median",
+                         "f": 1, "attack": "sign_flip", "attack_params": {"scale": 5.0}, "attackers": [2],
+                         "centralized": False})
+    summary = procs.run(s, tmp_path, timeout_s=90)
+    assert summary["byzantine"] == [2] and summary["attackers"] == 1 and summary["attack"] == "sign_flip"
+    assert summary["rounds_done"] == [3, 3, 3, 3]        # honest peers (and the attacker) finish every round
+    assert summary["per_peer_accuracy"][2] is None        # the attacker is not evaluated
+    honest = [summary["per_peer_accuracy"][i] for i in (0, 1, 3)]
+    assert all(a is not None for a in honest)
+    assert summary["honest_accuracy"]["mean"] == pytest.approx(sum(honest) / 3)
+    assert summary["honest_accuracy"]["min"] == min(honest) > 0.3
+    assert summary["byzantine_neighbors"]["max"] == 1
+    run_event = _events(tmp_path)[0]
+    assert (run_event["honest"], run_event["byzantine"], run_event["attack"]) == ([0, 1, 3], [2], "sign_flip")
+    liar = json.loads((tmp_path / "peer-2" / "summary.json").read_text())
+    assert liar["attack"] == "sign_flip" and liar["byzantine"] is True and liar["accuracy"] is None
+    assert not (tmp_path / "peer-2" / "checkpoint.pt").exists()
+    assert json.loads((tmp_path / "peer-0" / "summary.json").read_text())["byzantine"] is False
+    # the honest peers did receive the liar's frames (it sent, they aggregated them away)
+    assert all(e["received"] == 3 for e in _events(tmp_path) if e["kind"] == "round" and e["peer"] != 2)
