@@ -124,7 +124,7 @@ class Node:
                             check_degree=False)
         self.byzantine = s.attack != "none"
         if self.byzantine:   # not evaluated: honest accuracy is what counts
-            from p2pfl.sim.attacks import AttackerPeer
+            from p2pfl.peers.attacker import AttackerPeer
 
             self.peer: Peer = AttackerPeer(model, train, attack=s.attack, attack_params=s.attack_params,
                                            transport=self.transport, neighbors={}, config=config,

@@ -69,7 +69,7 @@ class PeerSettings:
     f: int = 0
     step_timeout: float = 30.0
     eval_every: int = 1
-    # Byzantine fault injection: this peer lies (p2pfl.sim.attacks.AttackerPeer, local view)
+    # Byzantine fault injection: this peer lies (p2pfl.peers.attacker.AttackerPeer, local view)
     attack: str = "none"                # "none" or a name in p2pfl.robust.attacks.ATTACKS
     attack_params: dict[str, Any] = field(default_factory=dict)   # e.g. {sigma = 10} (gaussian)
     colluders: tuple[str, ...] = ()     # peer IDs of the other attackers (it spares them)

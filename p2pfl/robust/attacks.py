@@ -8,7 +8,7 @@ Theory of operation. An attacker runs the same protocol as an honest peer but se
   Byzantine workers read their target's and its good neighbours' models: the omniscient attacker);
 - one honest peer's vector (`mimic`).
 `label_flip` crafts nothing: it trains honestly on labels y -> C-1-y (`flip_labels`) and sends that model.
-`silent` never sends. The peer that does the waiting and the sending lives in `p2pfl.sim.attacks`.
+`silent` never sends. The peer that does the waiting and the sending lives in `p2pfl.peers.attacker`.
 
 `ATTACKS` maps each name to its parameters and their defaults; `check_attack(name, params)` validates a
 config (unknown attack or parameter, bad value: `ConfigError`) and returns the completed parameters.

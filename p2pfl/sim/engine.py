@@ -34,7 +34,7 @@ from p2pfl.learn.models import make_model
 from p2pfl.learn.train import LocalTrainer, evaluate
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
-from p2pfl.sim import attacks
+from p2pfl.peers import attacker as attacks
 from p2pfl.learn.partition import partition
 from p2pfl.files import MetricsLog, write_json
 from p2pfl.sim.results import accuracy_table, plot_accuracy, plot_consensus, read_events

@@ -377,7 +377,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     """Run `scenario` as real peer processes; write metrics.jsonl, summary.json, accuracy.png to
     `out_dir` (and one folder per peer). `timeout_s` bounds the whole run (PeerFailed past it)."""
     from p2pfl.gossip.topology import spectral_gap
-    from p2pfl.sim.attacks import choose_attackers
+    from p2pfl.peers.attacker import choose_attackers
     from p2pfl.sim.engine import Setup
 
     s = scenario
@@ -523,7 +523,7 @@ def _totals(peers: list[_Peer]) -> tuple[int, dict[str, int]]:
 def _finish(s: Scenario, out: Path, setup: Any, fleet: _Fleet, log: MetricsLog, central: list[float],
             wall: float) -> dict[str, Any]:
     from p2pfl.gossip.topology import neighbors, spectral_gap
-    from p2pfl.sim import attacks
+    from p2pfl.peers import attacker as attacks
 
     peers = fleet.peers
     good = [p for p in peers if not p.byzantine]     # honest accuracy and consensus are over these only

@@ -25,7 +25,7 @@ from p2pfl.gossip.topology import parse_topology
 from p2pfl.learn.models import MODELS
 from p2pfl.learn.train import TrainConfig, algorithm_name, algorithm_preset
 from p2pfl.robust import RULES
-from p2pfl.sim.attacks import check_scenario
+from p2pfl.peers.attacker import check_scenario
 from p2pfl.learn.partition import parse_partition
 from p2pfl.sim.procs import FAULT_KEYS, check_faults, fault_entries
 
@@ -72,7 +72,7 @@ class Scenario:
     wire: bool = False          # run every frame through the real codec (signing included)
     eval_every: int = 1
     centralized: bool = True    # also train the centralized reference
-    # Byzantine peers (p2pfl.sim.attacks; the crafting math is p2pfl.robust.attacks)
+    # Byzantine peers (p2pfl.peers.attacker; the crafting math is p2pfl.robust.attacks)
     attack: str = "none"
     attackers: float | tuple[int, ...] = 0.0   # a fraction in [0, 1) drawn with `seed`, or peer indices
     attack_params: dict[str, Any] = field(default_factory=dict)

@@ -18,7 +18,7 @@ from p2pfl.peers.peer import PeerConfig
 from p2pfl.robust import attacks as craft
 from p2pfl.sim import engine
 from p2pfl.sim import scenario as scenarios
-from p2pfl.sim.attacks import (
+from p2pfl.peers.attacker import (
     AttackerPeer,
     Board,
     Knowledge,

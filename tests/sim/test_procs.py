@@ -71,7 +71,7 @@ def test_the_peer_toml_is_what_p2pfl_peer_loads(tmp_path):
 
 
 def test_attackers_get_the_attack_flags_and_know_their_colluders(tmp_path):
-    from p2pfl.sim.attacks import choose_attackers
+    from p2pfl.peers.attacker import choose_attackers
     from p2pfl.sim.engine import Setup
 
     s = scenarios.build({**FAST, "rounds": 3, "topology": "full", "aggregator": "median", "f": 1,
