@@ -1,17 +1,21 @@
 """End to end: real `p2pfl peer` processes on 127.0.0.1 (slow; run in CI).
 
 Processes are started with subprocess, waited on with timeouts, and stopped by PID in a finally.
-Waiting for progress reads the peers' own outputs (stdout lines, metrics.jsonl) with a deadline.
+Waiting for progress reads the peers' own stdout lines ("listening on ...", "round k/R done ..."),
+printed once the round's checkpoint is on disk, with a deadline: no sleeps, no polling.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,9 @@ class Peers:
     def __init__(self, tmp: Path, n: int, rounds: int) -> None:
         self.tmp, self.n, self.rounds = tmp, n, rounds
         self.procs: dict[int, subprocess.Popen[str]] = {}
+        self.lines: dict[int, queue.Queue[str | None]] = {}
+        self.out: dict[int, list[str]] = {}
+        self.readers: dict[int, threading.Thread] = {}
         self.bootstrap: str | None = None
 
     def start(self, i: int, *extra: str) -> subprocess.Popen[str]:
@@ -39,10 +46,39 @@ class Peers:
         p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(self.tmp / f"p{i}.err", "a"), text=True,
                              env=ENV, cwd=Path(__file__).parent.parent)
         self.procs[i] = p
+        self.lines[i] = queue.Queue()
+        self.out[i] = []
+        self.readers[i] = threading.Thread(target=self._read, args=(p, self.lines[i], self.out[i]), daemon=True)
+        self.readers[i].start()
         return p
 
+    @staticmethod
+    def _read(p: subprocess.Popen[str], lines: queue.Queue[str | None], out: list[str]) -> None:
+        for line in p.stdout:     # blocks on the pipe; ends at the child's exit
+            out.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    def next_line(self, i: int, match: Callable[[str], bool], timeout: float, what: str) -> str:
+        """The next stdout line of peer i that `match`es (earlier lines are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines[i].get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"timed out waiting for {what}; stderr: {self.err(i)}") from None
+            if line is None:
+                raise AssertionError(f"peer {i} exited while waiting for {what}; stderr: {self.err(i)}")
+            if match(line):
+                return line
+
+    def wait_round(self, i: int, k: int, timeout: float) -> None:
+        """Until peer i reports round k (1-based) done; its checkpoint for that round is then on disk."""
+        self.next_line(i, lambda ln: ln.startswith("round ") and int(ln.split()[1].split("/")[0]) >= k,
+                       timeout, f"peer {i} to finish round {k}")
+
     def ready(self, i: int) -> str:
-        line = self.procs[i].stdout.readline()   # the first line is "listening on <addr>" (blocks until it is)
+        line = self.next_line(i, lambda ln: True, 120, f"peer {i} to listen")   # the first line
         assert line.startswith("listening on /ip4/127.0.0.1/tcp/"), (line, self.err(i))
         if i == 0:
             self.bootstrap = line.split()[-1]
@@ -60,32 +96,20 @@ class Peers:
         return (self.tmp / f"p{i}.err").read_text()[-3000:]
 
     def wait(self, i: int, timeout: float) -> str:
-        out, _ = self.procs[i].communicate(timeout=timeout)
+        self.procs[i].wait(timeout=timeout)
+        self.readers[i].join(timeout=10)
+        out = "".join(self.out[i])
         assert self.procs[i].returncode == 0, (out, self.err(i))
         return out
 
     def summary(self, i: int) -> dict:
         return json.loads((self.tmp / f"p{i}" / "summary.json").read_text())
 
-    def rounds_done(self, i: int) -> int:
-        path = self.tmp / f"p{i}" / "metrics.jsonl"
-        if not path.exists():
-            return 0
-        return sum(1 for ln in path.read_text().splitlines() if '"kind": "round"' in ln)
-
     def stop_all(self) -> None:
         for p in self.procs.values():
             if p.poll() is None:
                 p.kill()          # by PID: Popen.kill sends SIGKILL to this child only
                 p.wait(timeout=10)
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)   # polling another process's files; no event to wait on across processes
 
 
 def test_four_peers_with_a_bootstrap_address(tmp_path):
@@ -107,7 +131,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_0_then_resume_continues(tmp_path)
     peers = Peers(tmp_path, 3, rounds=40)
     try:
         peers.start_all()
-        wait_for(lambda: peers.rounds_done(2) >= 2, 60, "peer 2 to finish 2 rounds")
+        peers.wait_round(2, 2, 60)
         peers.procs[2].send_signal(signal.SIGTERM)
         out = peers.wait(2, timeout=30)
         assert "SIGTERM" in out
@@ -123,15 +147,7 @@ def test_kill_and_resume(tmp_path):
     peers = Peers(tmp_path, 3, rounds=rounds)
     try:
         peers.start_all()
-        checkpoint = tmp_path / "p2" / "checkpoint.pt"
-
-        def checkpointed_round() -> int:   # the round event is logged just before the checkpoint
-            try:
-                return torch.load(checkpoint, weights_only=True)["round"]
-            except FileNotFoundError:
-                return -1
-
-        wait_for(lambda: checkpointed_round() >= 3, 60, "peer 2 to checkpoint 3 rounds")
+        peers.wait_round(2, 3, 60)    # printed once round 3's checkpoint is on disk
         peers.procs[2].kill()     # SIGKILL mid-training
         peers.procs[2].wait(timeout=10)
         ck = torch.load(tmp_path / "p2" / "checkpoint.pt", weights_only=True)   # never partial

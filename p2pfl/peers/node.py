@@ -150,6 +150,7 @@ class Node:
         self.stopping = False
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.events: list[dict[str, Any]] = []
+        self._round_line = ""
         self.first_round = self.peer.round
         self._train_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -216,11 +217,11 @@ class Node:
             self.transport.round = self.peer.round
             await self.peer.train(1)
             self.transport.round = self.peer.round
-            if self.byzantine:
-                continue   # an attacker keeps no checkpoint (settings refuse resume with an attack)
-            self._last_snapshot = checkpoint.snapshot(self.peer.trainer, round=self.peer.round,
-                                                      peer_id=self.identity.peer_id, schema=self.schema)
-            await trio.to_thread.run_sync(checkpoint.write, self.out, self._last_snapshot)
+            if not self.byzantine:   # an attacker keeps no checkpoint (settings refuse resume with an attack)
+                self._last_snapshot = checkpoint.snapshot(self.peer.trainer, round=self.peer.round,
+                                                          peer_id=self.identity.peer_id, schema=self.schema)
+                await trio.to_thread.run_sync(checkpoint.write, self.out, self._last_snapshot)
+            self.report(self._round_line)   # progress, once the round is durable
 
     def _on_round(self, event: dict[str, Any]) -> None:
         event = {**event, "neighbors": len(self.peer.tracker.neighbors)}
@@ -230,7 +231,7 @@ class Node:
         for p in self.peer.tracker.neighbors:
             self.misses[p] = self.misses[p] + 1 if p in event["missing"] else 0
         acc = f", accuracy {event['accuracy']:.3f}" if "accuracy" in event else ""
-        log.info("round %d done: %d received%s", event["round"], event["received"], acc)
+        self._round_line = f"round {event['round'] + 1}/{self.s.rounds} done: {event['received']} received{acc}"
 
     def _active(self) -> set[str]:
         return {p for p in self.links if p in self.transport.peers and self.misses[p] < SUSPECT_AFTER}
