@@ -16,7 +16,7 @@ from rich.table import Table
 
 from p2pfl.errors import ConfigError, P2PFLError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="p2pfl: decentralized peer-to-peer federated learning.")
 console = Console()
 err = Console(stderr=True)
@@ -204,7 +204,12 @@ def peer(
     model: Optional[str] = typer.Option(None, help="mlp or cnn"),
     aggregator: Optional[str] = typer.Option(None, help="aggregation rule"),
     gossip_steps: Optional[int] = typer.Option(None, help="gossip steps Q per round"),
+    algorithm: Optional[str] = typer.Option(None, help="preset: dfedavg, dfedavgm (momentum 0.9), dfedsam (rho 0.05)"),
+    rho: Optional[float] = typer.Option(None, help="SAM radius (0 = SGD); wins over the preset"),
+    momentum: Optional[float] = typer.Option(None, help="local SGD momentum; wins over the preset"),
     lr: Optional[float] = typer.Option(None, help="local learning rate"),
+    lr_decay: Optional[float] = typer.Option(None, help="lr at round t is lr * lr_decay**t"),
+    weight_decay: Optional[float] = typer.Option(None, help="local SGD weight decay"),
     local_epochs: Optional[float] = typer.Option(None, help="local epochs per round"),
     local_steps: Optional[int] = typer.Option(None, help="local steps per round (overrides epochs)"),
     batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
@@ -227,7 +232,8 @@ def peer(
         neighbors=tuple(n for n in (neighbors or "").split(",") if n), degree=degree, min_neighbors=min_neighbors,
         start_timeout=start_timeout, rounds=rounds, out=out, resume=resume, network_key=network_key, allow=allow,
         device=device, threads=threads, dataset=dataset, shard=shard, partition=partition, seed=seed, model=model,
-        aggregator=aggregator, gossip_steps=gossip_steps, lr=lr, local_epochs=local_epochs, local_steps=local_steps,
+        aggregator=aggregator, gossip_steps=gossip_steps, algorithm=algorithm, rho=rho, momentum=momentum,
+        lr_decay=lr_decay, weight_decay=weight_decay, lr=lr, local_epochs=local_epochs, local_steps=local_steps,
         batch_size=batch_size, step_timeout=step_timeout, delay_ms=delay_ms, attack=attack,
         colluders=tuple(c for c in (colluders or "").split(",") if c))
     try:

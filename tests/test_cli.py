@@ -77,3 +77,10 @@ def test_embed_example_runs_and_learns():
         sys.path.remove(str(ROOT / "examples"))
     assert len(accuracies) == 4
     assert min(accuracies) > 0.8   # two moons: chance is 0.5
+
+
+@pytest.mark.parametrize("command", ["sim", "peer", "report", "keygen"])
+def test_every_command_has_help(command):
+    r = p2pfl(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Usage:" in r.stdout and "Traceback" not in r.stderr

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.errors import ConfigError
-from p2pfl.learn.train import TrainConfig
+from p2pfl.learn.train import TrainConfig, algorithm_preset
 from p2pfl.robust import RULES
 from p2pfl.robust.attacks import ATTACKS, check_attack
 from p2pfl.learn.partition import parse_partition
@@ -56,14 +56,15 @@ class PeerSettings:
     model: str = "mlp"
     hidden: tuple[int, ...] = (64,)
     # training and gossip
+    algorithm: str = "dfedavg"          # preset for rho and momentum (p2pfl.learn.train.ALGORITHMS)
     lr: float = 0.2
     lr_decay: float = 1.0
-    momentum: float = 0.0
+    momentum: float | None = None       # None: the algorithm's preset
     weight_decay: float = 0.0
     batch_size: int = 16
     local_epochs: float = 2.0
     local_steps: int | None = None
-    rho: float = 0.0
+    rho: float | None = None            # None: the algorithm's preset
     gossip_steps: int = 1
     aggregator: str = "mixing"
     f: int = 0
@@ -120,9 +121,13 @@ class PeerSettings:
         return i, n
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.lr, lr_decay=self.lr_decay, momentum=self.momentum,
+        """The local trainer's settings: explicit rho/momentum win over the algorithm's preset."""
+        preset = algorithm_preset(self.algorithm)
+        return TrainConfig(lr=self.lr, lr_decay=self.lr_decay,
+                           momentum=preset["momentum"] if self.momentum is None else self.momentum,
                            weight_decay=self.weight_decay, batch_size=self.batch_size,
-                           local_epochs=self.local_epochs, local_steps=self.local_steps, rho=self.rho)
+                           local_epochs=self.local_epochs, local_steps=self.local_steps,
+                           rho=preset["rho"] if self.rho is None else self.rho)
 
     def protocol_settings(self) -> dict[str, Any]:
         """What every peer of one federation must agree on (hashed into the hello's config digest)."""

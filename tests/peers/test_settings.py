@@ -101,3 +101,16 @@ def test_peer_cli_rejects_a_bad_attack_in_one_line(tmp_path, args, needle):
                        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
     assert not list(tmp_path.iterdir())       # refused before a key, socket or file was made
+
+
+def test_peer_algorithm_presets_and_explicit_keys_win():
+    from p2pfl.peers import settings as peer_settings
+
+    assert peer_settings.load(None, {}).train_config().rho == 0.0
+    sam = peer_settings.load(None, {"algorithm": "dfedsam"}).train_config()
+    assert (sam.rho, sam.momentum) == (0.05, 0.0)
+    mine = peer_settings.load(None, {"algorithm": "dfedsam", "rho": 0.2, "momentum": 0.5}).train_config()
+    assert (mine.rho, mine.momentum) == (0.2, 0.5)
+    assert peer_settings.load(None, {"algorithm": "dfedavgm"}).train_config().momentum == 0.9
+    with pytest.raises(ConfigError, match="algorithm: unknown value 'adam'; allowed: dfedavg, dfedavgm, dfedsam"):
+        peer_settings.load(None, {"algorithm": "adam"})
