@@ -36,7 +36,7 @@ from p2pfl.gossip.rounds import StepTracker
 from p2pfl.learn.models import FlatParameters, ParamLayout
 from p2pfl.learn.train import LocalTrainer, TrainConfig, evaluate
 from p2pfl.peers.transport import Transport
-from p2pfl.robust import RULES, aggregate, check_rule
+from p2pfl.robust import RULES, check_rule
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,8 @@ class Peer:
         stacked = torch.stack(list(received.values())).to(own.device)  # (m, d)
         distance = float(torch.dist(own, stacked.mean(0))) ** 2
         try:
-            return aggregate(cfg.aggregator, own, stacked, f=cfg.f, **cfg.aggregator_params).vector, distance
+            # the rule alone: aggregate() would also compute per-input weights, which costs 2x for sorting rules
+            return RULES[cfg.aggregator](own, stacked, f=cfg.f, **cfg.aggregator_params), distance
         except ConfigError as e:   # too few inputs arrived for the rule this step: keep our own vector
             self.rejected["too_few_inputs"] += 1
             log.warning("%s: round %d: %s; keeping own vector", self.id, self.tracker.current[0], e)

@@ -13,9 +13,9 @@ Every rule in `aggregators.py` needs one of two passes over them, and both run o
   network applied to whole rows (torch.minimum / torch.maximum), either Batcher's odd-even merge sort pruned
   to the positions that are read, or bubble passes when only a few extremes must be set aside. For n <= 64
   this is several times faster than torch.sort along dim 0 on CPU and needs no index tensor.
-  Input weights, when asked for, take a second vectorized pass comparing every input with the kept range
-  [s_lo, s_hi] the network found per coordinate; inputs that tie at a cut share the kept slots equally, so
-  the weights do not depend on the order of `received`.
+  Input weights, when asked for, compare every input with the kept range [s_lo, s_hi] the network found
+  per coordinate, in the same chunk loop; inputs that tie at a cut share the kept slots equally, so the
+  weights do not depend on the order of `received`.
 
 Invariants: tensors stay on the inputs' device and dtype (float64 only for [n]- and [n, n]-sized results);
 nothing here knows rule names, f, or configuration. The only state is the cache of network layouts.
@@ -33,14 +33,13 @@ Network = tuple[tuple[int, int], ...]
 
 # Chunk sizes, in elements per chunk buffer unless named COLS. On a GPU, chunks only bound memory.
 # CPU: every op above ATen's parallel grain (32768 elements) opens an OpenMP region, and on a machine
-# whose cores are busy each region can wait a scheduler quantum for its second thread. So the vectorized
-# passes (Gram, weights) take few, big chunks (64 MiB; sgemm is as fast per chunk as on the whole matrix),
-# while the comparator network, hundreds of elementwise ops per chunk, uses rows of 16384 columns that
+# whose cores are busy each region can wait a scheduler quantum for its second thread. So the Gram pass
+# takes few, big chunks (16 MiB; sgemm is as fast per chunk as on the whole matrix), while the comparator
+# network and the weight counting, hundreds of elementwise ops per chunk, use rows of 16384 columns that
 # stay under the grain and run on the calling thread: ~1.4x slower than 2 threads on an idle machine,
 # but 30x faster than parallel ops on a busy one (measured on a 2-core VM at load 5).
-_GRAM_CHUNK = {"cpu": 1 << 24}
+_GRAM_CHUNK = {"cpu": 1 << 22}
 _SORT_COLS = {"cpu": 1 << 14}
-_WEIGHT_CHUNK = {"cpu": 1 << 24}
 _DEVICE_CHUNK = 1 << 26
 _MIN_COLS = 1024  # below this, per-call overhead dominates (tests lower it to exercise chunk edges)
 
@@ -177,37 +176,51 @@ def _tie_shared(x: Tensor, lo: Tensor | int, hi: Tensor | int, s_lo: Tensor, s_h
     return w.sum(1)
 
 
-def _kept_counts(own: Tensor, received: Tensor, rows: Tensor | None, lo: Tensor | int, hi: Tensor | int,
-                 s_lo: Tensor, s_hi: Tensor) -> Tensor:
-    """Per input (or per selected input, `rows` indexing [own; received]), the number of coordinates where
-    it fills one of the kept slots lo..hi (per coordinate, [d] or scalars), tied inputs sharing equally.
-    A vectorized pass over big chunks."""
-    d = own.shape[0]
-    r = received.shape[0] + 1 if rows is None else rows.shape[0]
-    k = hi - lo + 1
-    counts = torch.zeros(r, dtype=torch.float64, device=own.device)
-    for start, w in _chunks(d, _cols(_WEIGHT_CHUNK, r, own.device)):
-        x = torch.cat([own[None, start : start + w], received[:, start : start + w]])  # [n, w]
-        if rows is not None:
-            x = x.index_select(0, rows)
-        lo_c, hi_c = s_lo[start : start + w], s_hi[start : start + w]
-        kept = (x >= lo_c) & (x <= hi_c)
-        counts += kept.sum(1, dtype=torch.float64)
-        k_c = k[start : start + w] if isinstance(k, Tensor) else k
-        tied = kept.sum(0) != k_c  # more inputs in [s_lo, s_hi] than kept slots: a tie at a cut
+class _KeptCounter:
+    """Counts, per input, the coordinates where it fills one of the kept slots lo..hi, tied inputs sharing
+    equally. Fed chunk by chunk from inside the network loop with row-sized ops, which, like the network's,
+    run on the calling thread (see the chunk sizes above)."""
+
+    def __init__(self, sources: list[Tensor], cols: int) -> None:
+        ref = sources[0]
+        self.sources = sources
+        self.acc = torch.zeros(len(sources), cols, dtype=torch.int32, device=ref.device)  # per input, per column
+        self.extra = torch.zeros(len(sources), dtype=torch.float64, device=ref.device)  # tie corrections
+        self.kept = torch.empty(cols, dtype=torch.bool, device=ref.device)
+        self.below_hi = torch.empty(cols, dtype=torch.bool, device=ref.device)
+        self.per_col = torch.empty(cols, dtype=torch.int32, device=ref.device)
+
+    def add(self, start: int, w: int, lo: Tensor | int, hi: Tensor | int, s_lo: Tensor, s_hi: Tensor) -> None:
+        kept, below_hi, per_col = self.kept[:w], self.below_hi[:w], self.per_col[:w]
+        per_col.zero_()
+        for r, src in enumerate(self.sources):
+            x = src[start : start + w]
+            torch.ge(x, s_lo, out=kept)
+            torch.le(x, s_hi, out=below_hi)
+            kept.logical_and_(below_hi)  # x in [s_lo, s_hi]
+            self.acc[r, :w] += kept
+            per_col += kept
+        tied = per_col != (hi - lo + 1)  # more inputs in [s_lo, s_hi] than kept slots: a tie at a cut (rare)
         if bool(tied.any()):
             cols = tied.nonzero().squeeze(1)
-            lo_t = lo[start : start + w][cols] if isinstance(lo, Tensor) else lo
-            hi_t = hi[start : start + w][cols] if isinstance(hi, Tensor) else hi
-            counts -= kept[:, cols].sum(1, dtype=torch.float64)
-            counts += _tie_shared(x[:, cols], lo_t, hi_t, lo_c[cols], hi_c[cols])
-    return counts
+            x = torch.stack([src[start : start + w][cols] for src in self.sources])
+            lo_t = lo[cols] if isinstance(lo, Tensor) else lo
+            hi_t = hi[cols] if isinstance(hi, Tensor) else hi
+            in_range = ((x >= s_lo[cols]) & (x <= s_hi[cols])).sum(1, dtype=torch.float64)
+            self.extra += _tie_shared(x, lo_t, hi_t, s_lo[cols], s_hi[cols]) - in_range
+
+    def counts(self) -> Tensor:
+        return self.acc.sum(1, dtype=torch.float64) + self.extra
+
+
+def _sort_cols(sources: list[Tensor]) -> int:
+    return min(_SORT_COLS.get(sources[0].device.type, _DEVICE_CHUNK // len(sources)), sources[0].shape[0])
 
 
 def _sorted_chunks(sources: list[Tensor], net: Network) -> Iterator[tuple[int, int, list[Tensor]]]:
     """Yield (start, width, rows) per column chunk, rows = the chunk of every source after the network."""
     r, d, ref = len(sources), sources[0].shape[0], sources[0]
-    cols = _SORT_COLS.get(ref.device.type, _DEVICE_CHUNK // max(r, 1))
+    cols = max(_sort_cols(sources), 1)
     buf = ref.new_empty(r + 1, min(cols, d))  # the last row is the network's spare
     for start, w in _chunks(d, cols):
         b = buf[:, :w]
@@ -225,16 +238,15 @@ def trimmed_sum(own: Tensor, received: Tensor, lo: int, hi: int, want_weights: b
     """
     sources = [own, *received.unbind(0)]
     out = torch.empty_like(own)
-    ends = (torch.empty_like(own), torch.empty_like(own)) if want_weights else None
+    counter = _KeptCounter(sources, _sort_cols(sources)) if want_weights else None
     for start, w, rows in _sorted_chunks(sources, selection(len(sources), lo, hi, want_weights)):
         o = out[start : start + w]
         o.copy_(rows[lo])
         for row in rows[lo + 1 : hi + 1]:
             o.add_(row)
-        if ends is not None:
-            ends[0][start : start + w].copy_(rows[lo])
-            ends[1][start : start + w].copy_(rows[hi])
-    return out, (_kept_counts(own, received, None, lo, hi, *ends) if ends is not None else None)
+        if counter is not None:
+            counter.add(start, w, lo, hi, rows[lo], rows[hi])
+    return out, (counter.counts() if counter is not None else None)
 
 
 def closest_to_median_sum(own: Tensor, received: Tensor, selected: list[int], beta: int,
@@ -250,27 +262,23 @@ def closest_to_median_sum(own: Tensor, received: Tensor, selected: list[int], be
     r, ref = len(sources), own
     slides = r - beta
     out = torch.empty_like(ref)
-    first = torch.empty(ref.shape[0], dtype=torch.long, device=ref.device) if want_weights else None
-    ends = (torch.empty_like(ref), torch.empty_like(ref)) if want_weights else None
+    counter = _KeptCounter(sources, _sort_cols(sources)) if want_weights else None
     for start, w, rows in _sorted_chunks(sources, batcher(r)):
         med = rows[r // 2] if r % 2 else (rows[r // 2 - 1] + rows[r // 2]) * 0.5
-        s_first = first[start : start + w] if first is not None else torch.empty(w, dtype=torch.long, device=ref.device)
-        s_first.zero_()
+        first = torch.zeros(w, dtype=torch.long, device=ref.device)
         for s in range(slides):  # slide right while the value entering is strictly nearer than the one leaving
-            s_first += rows[s + beta] - med < med - rows[s]
+            first += rows[s + beta] - med < med - rows[s]
         o = out[start : start + w]
         o.zero_()
         for p, row in enumerate(rows):
             if slides <= p < beta:  # inside every candidate window
                 o.add_(row)
             else:
-                o.add_(torch.where((s_first <= p) & (s_first + beta > p), row, 0.0))
-        if ends is not None:
-            s_lo, s_hi = ends[0][start : start + w], ends[1][start : start + w]
-            for s in range(slides + 1):
-                torch.where(s_first == s, rows[s], s_lo, out=s_lo)
-                torch.where(s_first == s, rows[s + beta - 1], s_hi, out=s_hi)
-    if ends is None or first is None:
-        return out, None
-    index = torch.tensor(selected, dtype=torch.long, device=own.device)
-    return out, _kept_counts(own, received, index, first, first + beta - 1, *ends)
+                o.add_(torch.where((first <= p) & (first + beta > p), row, 0.0))
+        if counter is not None:
+            s_lo, s_hi = rows[0].clone(), rows[beta - 1].clone()
+            for s in range(1, slides + 1):
+                torch.where(first == s, rows[s], s_lo, out=s_lo)
+                torch.where(first == s, rows[s + beta - 1], s_hi, out=s_hi)
+            counter.add(start, w, first, first + beta - 1, s_lo, s_hi)
+    return out, (counter.counts() if counter is not None else None)

@@ -51,7 +51,6 @@ def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_MIN_COLS", 1)
     monkeypatch.setattr(kernels, "_GRAM_CHUNK", {"cpu": 8 * 3})
     monkeypatch.setattr(kernels, "_SORT_COLS", {"cpu": 4})
-    monkeypatch.setattr(kernels, "_WEIGHT_CHUNK", {"cpu": 7 * 5})
 
 
 @pytest.mark.parametrize("chunked", [False, True])
