@@ -36,7 +36,7 @@ from p2pfl.gossip.rounds import StepTracker
 from p2pfl.learn.models import FlatParameters, ParamLayout
 from p2pfl.learn.train import LocalTrainer, TrainConfig, evaluate
 from p2pfl.peers.transport import Transport
-from p2pfl.robust import RULES, check_rule
+from p2pfl.robust import RULES, aggregate, check_rule
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class Peer:
         gen = torch.Generator().manual_seed(self.config.seed)
         self.flat = FlatParameters(model)   # before the optimizer: it must see the re-homed params
         self.trainer = LocalTrainer(model, *train_data, self.config.train, gen)
+        self._bucket_generator = torch.Generator().manual_seed(self.config.seed + 1)
         self.vector = self.flat.get()       # x_i: the shared parameters after the last round
         self.tracker: StepTracker[torch.Tensor] = StepTracker(
             [], steps_per_round=self.config.gossip_steps, max_ahead_rounds=self.config.max_ahead_rounds)
@@ -227,8 +228,12 @@ class Peer:
         stacked = torch.stack(list(received.values())).to(own.device)  # (m, d)
         distance = float(torch.dist(own, stacked.mean(0))) ** 2
         try:
+            params = cfg.aggregator_params
+            if "bucket_size" in params:   # bucketing shuffles with this peer's own seeded generator
+                return aggregate(cfg.aggregator, own, stacked, f=cfg.f, generator=self._bucket_generator,
+                                 **params).vector, distance
             # the rule alone: aggregate() would also compute per-input weights, which costs 2x for sorting rules
-            return RULES[cfg.aggregator](own, stacked, f=cfg.f, **cfg.aggregator_params), distance
+            return RULES[cfg.aggregator](own, stacked, f=cfg.f, **params), distance
         except ConfigError as e:   # too few inputs arrived for the rule this step: keep our own vector
             self.rejected["too_few_inputs"] += 1
             log.warning("%s: round %d: %s; keeping own vector", self.id, self.tracker.current[0], e)

@@ -154,3 +154,11 @@ def test_blocking_run_returns_round_events():
     events = p.run(2)
     assert [e["round"] for e in events] == [0, 1]
     assert all(0 <= e["accuracy"] <= 1 for e in events)
+
+
+def test_robust_rule_with_bucketing_runs_in_the_peer():
+    config = PeerConfig(train=TrainConfig(lr=0.1, local_steps=2, batch_size=8), step_timeout_s=5.0,
+                        aggregator="median", aggregator_params={"bucket_size": 2}, f=0)
+    peers = make_peers(5, MemoryNetwork(), config=config)
+    run_peers(peers, 2)
+    assert all(p.round == 2 and not p.rejected for p in peers)   # no step fell back to its own vector
