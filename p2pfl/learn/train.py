@@ -153,7 +153,7 @@ class LocalTrainer:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of `model` on (x, y)."""
-    model.eval()
+    model.train(False)  # evaluation mode (dropout off, norm layers use their statistics)
     correct, loss = 0, 0.0
     for i in range(0, len(x), batch_size):
         logits = model(x[i:i + batch_size])

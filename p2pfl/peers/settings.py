@@ -9,24 +9,17 @@ started with `--shard i/N --seed S` trains on exactly the shard the simulator gi
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pfl import config as strict
 from p2pfl.errors import ConfigError
 from p2pfl.learn.train import TrainConfig, algorithm_preset
 from p2pfl.robust import RULES
 from p2pfl.robust.attacks import ATTACKS, check_attack
 from p2pfl.learn.partition import parse_partition
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -135,44 +128,8 @@ class PeerSettings:
                 "aggregator": self.aggregator, "f": self.f}
 
 
-def _coerce(key: str, value: Any) -> Any:
-    hint = typing.get_type_hints(PeerSettings)[key]
-    args = typing.get_args(hint)
-    if value is None and type(None) in args:
-        return None
-    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
-    origin = typing.get_origin(base) or base
-    if origin is tuple:
-        item = typing.get_args(base)[0]
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) and not isinstance(v, bool)
-                                                           for v in value):
-            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
-        return tuple(value)
-    if origin is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, Path) and origin is str:
-        return str(value)
-    if isinstance(value, bool) != (origin is bool) or not isinstance(value, origin):
-        raise ConfigError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
-    return value
-
-
 def load(config: str | Path | None, overrides: dict[str, Any]) -> PeerSettings:
     """Defaults < the TOML file `config` < `overrides` (None values are 'not given')."""
-    values: dict[str, Any] = {}
-    if config is not None:
-        try:
-            values = tomllib.loads(Path(config).read_text())
-        except OSError as e:
-            raise ConfigError(f"config file {config}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {config}: not valid TOML: {e}") from None
+    values = {} if config is None else strict.read_toml(config, "config file")
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-    known = {f.name for f in dataclasses.fields(PeerSettings)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{config or 'peer settings'}: unknown key {unknown[0]!r}; allowed keys: "
-                          f"{', '.join(sorted(known))}")
-    return PeerSettings(**{k: _coerce(k, v) for k, v in values.items()})
+    return strict.build(PeerSettings, values, str(config or "peer settings"))

@@ -12,14 +12,12 @@ anywhere (file or flag) wins over any preset, and `dataclasses.replace(s, algori
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from p2pfl import config
 from p2pfl.errors import ConfigError
 from p2pfl.gossip.topology import parse_topology
 from p2pfl.learn.models import MODELS
@@ -29,10 +27,6 @@ from p2pfl.peers.attacker import check_scenario
 from p2pfl.learn.partition import parse_partition
 from p2pfl.sim.procs import FAULT_KEYS, check_faults, fault_entries
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DATASETS = ("digits", "mnist1d", "synthetic", "npz:PATH")
 ENGINES = ("inproc", "procs")   # one process (memory transport, virtual time); real peer processes
@@ -124,53 +118,30 @@ class Scenario:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check a TOML/CLI value against the field's annotation; ints are accepted for floats."""
-    hint = typing.get_type_hints(Scenario)[key]
-    args = typing.get_args(hint)
-    if value is None and type(None) in args:
-        return None
+def _special(key: str, value: Any) -> Any:
     if key == "attackers" and isinstance(value, (list, tuple)):  # peer indices (else a fraction)
-        hint = tuple[int, ...]
+        return config.coerce(_AttackerList, "attackers", value)
     if key in FAULT_KEYS:
         return fault_entries(key, value)
-    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
-    origin = typing.get_origin(base) or base
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
-        return tuple(value)
-    if origin is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is dict and isinstance(value, dict):
-        return dict(value)
-    if isinstance(value, bool) != (origin is bool) or not isinstance(value, origin):
-        raise ConfigError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
-    return value
+    return NotImplemented
+
+
+@dataclass(frozen=True)
+class _AttackerList:
+    attackers: tuple[int, ...]
 
 
 def build(values: dict[str, Any], source: str = "scenario") -> Scenario:
-    known = {f.name for f in dataclasses.fields(Scenario)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
-    return Scenario(**{k: _coerce(k, v, None) for k, v in values.items()})
+    return config.build(Scenario, values, source, _special)
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Scenario:
     """The scenario in `path` (the embedded default if None), with `overrides` applied on top."""
     if path is None:
-        text = resources.files("p2pfl.sim").joinpath("default.toml").read_text()
         source = "default scenario"
+        values = config.parse_toml(resources.files("p2pfl.sim").joinpath("default.toml").read_text(), source)
     else:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"scenario file {path}: {e.strerror}") from None
         source = str(path)
-    try:
-        values = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+        values = config.read_toml(path, "scenario file")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return build(values, source)

@@ -1,0 +1,82 @@
+"""Strict config loading shared by scenarios (`p2pfl sim`) and peer settings (`p2pfl peer`).
+
+Theory of operation: a config is a frozen dataclass whose fields are the TOML keys. Values from a
+TOML file or the command line are checked against each field's annotation before the dataclass
+is built: an unknown key or a wrong type raises `ConfigError` naming the key (and, for unknown
+keys, the allowed ones). Ints are accepted for floats; a single value for a list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from p2pfl.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+C = TypeVar("C")
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """The TOML table in `path`; `what` names the file in errors ("scenario file", "config file")."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    return parse_toml(text, str(path))
+
+
+def coerce(cls: type, key: str, value: Any) -> Any:
+    """`value` checked against the annotation of field `key` of dataclass `cls`."""
+    hint = typing.get_type_hints(cls)[key]
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    origin = typing.get_origin(base) or base
+    if origin is tuple:
+        item = typing.get_args(base)[0]
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) and not isinstance(v, bool)
+                                                           for v in value):
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
+        return tuple(value)
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, Path) and origin is str:
+        return str(value)
+    if isinstance(value, bool) != (origin is bool) or not isinstance(value, origin):
+        raise ConfigError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+    return value
+
+
+def build(cls: Callable[..., C], values: dict[str, Any], source: str,
+          special: Callable[[str, Any], Any] | None = None) -> C:
+    """`cls(**values)` after refusing unknown keys and coercing each value; `special(key, value)`
+    handles the keys a caller parses itself (it returns NotImplemented for the others)."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
+    out = {}
+    for k, v in values.items():
+        parsed = special(k, v) if special else NotImplemented
+        out[k] = coerce(cls, k, v) if parsed is NotImplemented else parsed  # type: ignore[arg-type]
+    return cls(**out)
