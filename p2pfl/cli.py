@@ -215,6 +215,11 @@ def peer(
     batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
     step_timeout: Optional[float] = typer.Option(None, help="seconds to wait for neighbours in one gossip step [30]"),
     delay_ms: Optional[float] = typer.Option(None, help="inject this delay before every outbound frame"),
+    bulk_port: Optional[int] = typer.Option(None, help="TCP port of the fast bulk channel for model frames (0: any "
+                                                       "free port, -1: off; frames then go over libp2p streams)"),
+    metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on this port (0: off) [0]"),
+    metrics_host: Optional[str] = typer.Option(None, help="address the metrics endpoint binds [127.0.0.1]; "
+                                                          "0.0.0.0 exposes it to the network"),
     attack: Optional[str] = typer.Option(None, help="make this peer Byzantine: sign_flip, gaussian, label_flip, alie, "
                                                     "ipm, dissensus, free_rider, silent, mimic [none]"),
     attack_params: Optional[str] = typer.Option(None, help="the attack's parameters as a JSON object, "
@@ -234,12 +239,13 @@ def peer(
         device=device, threads=threads, dataset=dataset, shard=shard, partition=partition, seed=seed, model=model,
         aggregator=aggregator, gossip_steps=gossip_steps, algorithm=algorithm, rho=rho, momentum=momentum,
         lr_decay=lr_decay, weight_decay=weight_decay, lr=lr, local_epochs=local_epochs, local_steps=local_steps,
-        batch_size=batch_size, step_timeout=step_timeout, delay_ms=delay_ms, attack=attack,
+        batch_size=batch_size, step_timeout=step_timeout, delay_ms=delay_ms, bulk_port=bulk_port,
+        metrics_port=metrics_port, metrics_host=metrics_host, attack=attack,
         colluders=tuple(c for c in (colluders or "").split(",") if c))
     try:
         overrides["attack_params"] = _attack_params_flag(attack_params)
         s = peer_settings.load(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
-        from p2pfl.peers import node   # importing libp2p resets its loggers: quiet them afterwards
+        from p2pfl.peers import node  # importing libp2p resets its loggers: quiet them afterwards
 
         if not os.environ.get("LIBP2P_DEBUG"):
             logging.getLogger("libp2p").setLevel(logging.CRITICAL)   # we report dial failures in one line

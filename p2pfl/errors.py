@@ -46,6 +46,7 @@ class Reject(str, enum.Enum):
     TRUNCATED = "truncated"          # the stream ended or was reset mid-frame
     STALLED = "stalled"              # no bytes for the stall timeout mid-frame; the stream is reset
     NOT_ALLOWED = "not_allowed"      # not on the allowlist, or no accepted hello yet
+    BAD_RECORD = "bad_record"        # a bulk-channel record failed authentication (altered, replayed, wrong key)
 
 
 class RemoteProtocolError(P2PFLError):

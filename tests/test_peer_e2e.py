@@ -11,15 +11,18 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 
@@ -84,11 +87,12 @@ class Peers:
             self.bootstrap = line.split()[-1]
         return line
 
-    def start_all(self) -> None:
-        self.start(0)
+    def start_all(self, extra: dict[int, list[str]] | None = None) -> None:
+        extra = extra or {}
+        self.start(0, *extra.get(0, []))
         self.ready(0)
         for i in range(1, self.n):   # the others start in parallel: importing torch and libp2p is slow
-            self.start(i)
+            self.start(i, *extra.get(i, []))
         for i in range(1, self.n):
             self.ready(i)
 
@@ -127,11 +131,25 @@ def test_four_peers_with_a_bootstrap_address(tmp_path):
         peers.stop_all()
 
 
+def free_port() -> int:
+    with socket.socket() as s:    # the OS picks a free port; the peer binds it right after
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_0_then_resume_continues(tmp_path):
     peers = Peers(tmp_path, 3, rounds=40)
+    port = free_port()
     try:
-        peers.start_all()
+        peers.start_all({2: ["--metrics-port", str(port)]})
+        url = peers.next_line(2, lambda ln: ln.startswith("metrics on "), 60, "peer 2's metrics line").split()[-1]
+        assert url == f"http://127.0.0.1:{port}/metrics"
         peers.wait_round(2, 2, 60)
+        with urllib.request.urlopen(url, timeout=10) as r:   # 38 rounds to go: it is still up
+            text = r.read().decode()
+        got = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+        assert got["p2pfl_rounds_done"] >= 2 and got["p2pfl_neighbors"] == 2, text
+        assert got["p2pfl_frames_received_total"] >= 2 and "p2pfl_accuracy" in got, text
         peers.procs[2].send_signal(signal.SIGTERM)
         out = peers.wait(2, timeout=30)
         assert "SIGTERM" in out

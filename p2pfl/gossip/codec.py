@@ -42,6 +42,7 @@ from __future__ import annotations
 import struct
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -236,11 +237,16 @@ def read_frame_length(
 
 
 def frame_buffer(
-    prefix: bytes | bytearray | memoryview, *, max_frame_bytes: int, peer: str | None = None
+    prefix: bytes | bytearray | memoryview,
+    *,
+    max_frame_bytes: int,
+    peer: str | None = None,
+    alloc: Callable[[int], np.ndarray] | None = None,
 ) -> memoryview:
     """Given a frame's first 8 bytes, allocate its receive buffer: a writable memoryview of the
     whole frame with those 8 bytes filled in, placed so the payload starts 64-byte aligned (the
-    fast path of `decode`). Fill ``view[8:]`` from the stream, then ``decode(view, ...)``."""
+    fast path of `decode`). Fill ``view[8:]`` from the stream, then ``decode(view, ...)``.
+    `alloc(n)` returns a uint8 array of n bytes (a pool's; default np.empty); ``view.obj`` is it."""
     if len(prefix) != FRAME_PREFIX_BYTES:
         raise LocalProtocolError(f"frame prefix is {FRAME_PREFIX_BYTES} bytes, got {len(prefix)}")
     total = read_frame_length(bytes(prefix[:4]), max_frame_bytes, peer=peer)
@@ -248,10 +254,10 @@ def frame_buffer(
     if hlen > total - 4 or hlen > MAX_HEADER_BYTES:
         raise RemoteProtocolError(Reject.BAD_LENGTH, f"header length {hlen} does not fit frame", peer)
     size = LENGTH_PREFIX_BYTES + total
-    raw = bytearray(size + _ALIGN)
-    address = np.frombuffer(raw, dtype=np.uint8).ctypes.data
-    shift = -(address + FRAME_PREFIX_BYTES + hlen) % _ALIGN
-    view = memoryview(raw)[shift : shift + size]
+    # np.empty, not bytearray: zero-filling 40 MB first would cost more than reading it
+    raw = alloc(size + _ALIGN) if alloc is not None else np.empty(size + _ALIGN, dtype=np.uint8)
+    shift = -(raw.ctypes.data + FRAME_PREFIX_BYTES + hlen) % _ALIGN
+    view = raw.data[shift : shift + size]
     view[:FRAME_PREFIX_BYTES] = prefix
     return view
 

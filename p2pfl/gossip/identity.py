@@ -185,7 +185,7 @@ def verify(peer_id: str, data: bytes, signature: bytes) -> bool:
 class Identity:
     """This peer's Ed25519 key pair and libp2p peer ID."""
 
-    __slots__ = ("_key", "_public_bytes", "_peer_id")
+    __slots__ = ("_key", "_peer_id", "_public_bytes")
 
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key

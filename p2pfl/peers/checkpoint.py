@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from p2pfl.errors import ConfigError
-from p2pfl.learn.train import LocalTrainer
 from p2pfl.files import atomic_write
+from p2pfl.learn.train import LocalTrainer
 
 FILENAME = "checkpoint.pt"
 VERSION = 1

@@ -7,7 +7,11 @@ Theory of operation
   failure is reported in one line, the rest quietly); a hello that is refused is final.
 - membership: every accepted hello (ours or theirs) brings the other side's known peers (peer
   exchange); we dial those we do not know yet, and every `refresh_s` we re-hello the neighbours
-  (to learn their round and notice restarts) and redial wanted ones that are gone.
+  (to learn their round and notice restarts) and redial wanted ones that are gone. While a wanted
+  neighbour is missing (an explicit one we have no hello from, or fewer links than `degree`), the
+  refresh re-hellos every accepted peer, bootstrap peers included: two peers that joined the same
+  bootstrap at the same moment are missing from each other's hello replies, and only a later
+  hello tells them about each other. With nothing missing only the neighbours are re-helloed.
 - neighbour selection: with `--neighbors` the set is fixed, and each hello carries the sender's
   degree, so we mix with Metropolis-Hastings weights as the simulator does; otherwise we ask
   known peers for a link (`link` control request) until we have `degree`, in an order both sides
@@ -21,7 +25,8 @@ trains, logs the round event and writes the checkpoint. With `attack` set the pe
 `colluders`); it is not evaluated, writes no checkpoint (its trainer may be a stand-in) and its
 summary says `attack` and `byzantine: true`. SIGTERM/SIGINT cancels the round in
 progress; the node rewrites the checkpoint of the last completed round, closes its streams and
-returns 0.
+returns 0. With `metrics_port` set, a Prometheus endpoint (peers/metrics.py) reads the node's state
+at scrape time, from its own thread, for as long as `main` runs.
 """
 
 from __future__ import annotations
@@ -41,16 +46,17 @@ import torch
 import trio
 
 from p2pfl.errors import ConfigError
+from p2pfl.files import MetricsLog, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.learn.datasets import load_dataset
 from p2pfl.learn.models import ParamLayout, make_model
+from p2pfl.learn.partition import partition
 from p2pfl.peers import checkpoint
 from p2pfl.peers.libp2p import Hello, HelloRefused, Libp2pTransport
+from p2pfl.peers.metrics import PeerMetrics, Snapshot
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.settings import PeerSettings
 from p2pfl.robust import check_rule
-from p2pfl.learn.partition import partition
-from p2pfl.files import MetricsLog, write_json
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +118,8 @@ class Node:
         psk = _read_lines(s.network_key, "network key")[0] if s.network_key else None
         allow = set(_read_lines(s.allow, "allowlist")) if s.allow else None
         self.transport = Libp2pTransport(self.identity, Hello(schema=self.schema, settings=s.protocol_settings()),
-                                         listen=s.listen, psk=psk, allow=allow, delay_s=s.delay_ms / 1000)
+                                         listen=s.listen, psk=psk, allow=allow, delay_s=s.delay_ms / 1000,
+                                         bulk_port=None if s.bulk_port < 0 else s.bulk_port)
         self.explicit = {_peer_of(a) for a in s.neighbors}
         planned = len(self.explicit) or s.degree    # neighbours join one by one: check the rule once, here
         try:
@@ -148,7 +155,12 @@ class Node:
         self.misses: Counter[str] = Counter()
         self.dialing: set[str] = set()
         self.stopping = False
+        self.refresh_s = REFRESH_S
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.prometheus = PeerMetrics(self.identity.peer_id, self.snapshot) if s.metrics_port else None
+        self._accuracy: float | None = None
+        self._last_wait_s: float | None = None
+        self._wait_s_total = 0.0
         self.events: list[dict[str, Any]] = []
         self._round_line = ""
         self.first_round = self.peer.round
@@ -160,9 +172,20 @@ class Node:
     # -- entry point ------------------------------------------------------------------------------
     async def main(self) -> dict[str, Any]:
         wall = time.perf_counter()
+        # bound before the transport: a port in use stops the peer before it joins anyone
+        url = self.prometheus.serve(self.s.metrics_host, self.s.metrics_port) if self.prometheus else None
+        try:
+            return await self._main(wall, url)
+        finally:
+            if self.prometheus is not None:
+                self.prometheus.close()
+
+    async def _main(self, wall: float, metrics_url: str | None) -> dict[str, Any]:
         async with self.transport:
             for addr in self.transport.listen_addrs():
                 self.report(f"listening on {addr}")
+            if metrics_url is not None:   # after the addresses: the first line is the first address
+                self.report(f"metrics on {metrics_url}")
             self.metrics.write({"kind": "start", "round": self.peer.round, "peer": self.identity.peer_id,
                                 "resumed_from": self.resumed_from, "addrs": self.transport.listen_addrs()})
             self.metrics.flush()
@@ -226,6 +249,9 @@ class Node:
     def _on_round(self, event: dict[str, Any]) -> None:
         event = {**event, "neighbors": len(self.peer.tracker.neighbors)}
         self.events.append(event)
+        self._accuracy = event.get("accuracy", self._accuracy)
+        self._last_wait_s = event["wait_s"]
+        self._wait_s_total += event["wait_s"]
         self.metrics.write(event)
         self.metrics.flush()
         for p in self.peer.tracker.neighbors:
@@ -302,17 +328,30 @@ class Node:
 
     async def _maintain(self) -> None:
         while True:
-            await trio.sleep(REFRESH_S)
-            for p in sorted(self.links):
-                try:
-                    await self.transport.hello(p)
-                except (ConnectionError, HelloRefused) as e:
-                    log.debug("refresh %s: %s", p, e)
-            if not self.explicit and len(self.links) < self.s.degree:
-                for p in self._candidates():
-                    if len(self.links) >= self.s.degree:
-                        break
-                    await self._ask_link(p)
+            await trio.sleep(self.refresh_s)
+            await self._refresh()
+
+    def _missing(self) -> bool:
+        """A wanted neighbour is missing: an explicit one we have no hello from, or too few links."""
+        if self.explicit:
+            return any(p not in self.transport.peers for p in self.explicit)
+        return len(self.links) < self.s.degree
+
+    async def _refresh(self) -> None:
+        """One maintenance pass: re-hello (peer exchange rides on the replies), then ask for links."""
+        targets = set(self.links)
+        if self._missing():   # someone may know the missing peer now: ask everyone, not just the links
+            targets |= set(self.transport.peers)
+        for p in sorted(targets):
+            try:
+                await self.transport.hello(p)
+            except (ConnectionError, HelloRefused) as e:
+                log.debug("refresh %s: %s", p, e)
+        if not self.explicit and len(self.links) < self.s.degree:
+            for p in self._candidates():
+                if len(self.links) >= self.s.degree:
+                    break
+                await self._ask_link(p)
 
     def _candidates(self) -> list[str]:
         me = self.identity.peer_id
@@ -346,6 +385,20 @@ class Node:
                     self._apply_neighbors()
             return {"t": "link", "ok": ok}
         return {"t": "error", "error": f"unknown request {msg['t']!r}"}
+
+    # -- metrics ------------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """What the Prometheus endpoint exports. Runs in the HTTP server's thread: it only reads
+        attributes and copies counters with dict() (atomic under the GIL), never iterates live ones."""
+        st = self.transport.stats
+        rejected = dict(self.peer.rejected)
+        for reason, n in dict(st.rejected).items():
+            rejected[reason] = rejected.get(reason, 0) + n
+        return Snapshot(rounds_done=self.peer.round, accuracy=self._accuracy,
+                        neighbors=len(self.peer.tracker.neighbors), last_round_wait_s=self._last_wait_s,
+                        wait_s_total=self._wait_s_total, bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
+                        frames_sent=st.frames_sent, frames_received=st.frames_received,
+                        send_failures=st.send_failures, rejected=rejected)
 
     # -- summary ------------------------------------------------------------------------------------
     def _summary(self, wall_s: float) -> dict[str, Any]:

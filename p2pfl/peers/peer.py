@@ -170,6 +170,8 @@ class Peer:
                             "local_steps": stats.steps,
                             "received": sum(s["received"] for s in step_events),
                             "missing": sorted({m for s in step_events for m in s["missing"]}),
+                            # seconds spent waiting for neighbours' frames after sending, over the Q steps
+                            "wait_s": sum(s["wait_s"] for s in step_events),
                             "rejected": dict(self.rejected + self.transport.stats.rejected),
                             "neighbor_distance": step_events[0].get("neighbor_distance"),
                             "bytes_sent": self.transport.stats.bytes_sent}
@@ -190,14 +192,15 @@ class Peer:
             # vectors are never modified in place after this point, so receivers may share memory
             await self.transport.send(nb, Frame(kind="model", sender=self.id, round=t, step=q, schema=self.schema,
                                                 dtype="f32", payload=vector.detach().cpu().numpy()))
-        timed_out = False
+        timed_out, waited = False, 0.0
         if not self.tracker.complete:
+            start = trio.current_time()
             with trio.move_on_after(self.config.step_timeout_s) as scope:
                 await self._step_done.wait()
-            timed_out = scope.cancelled_caught
+            timed_out, waited = scope.cancelled_caught, trio.current_time() - start
         missing = self.tracker.missing()
         received = self.tracker.finish(timed_out)
-        info: Event = {"received": len(received), "missing": missing}
+        info: Event = {"received": len(received), "missing": missing, "wait_s": waited}
         if received:
             x, info["neighbor_distance"] = await self._compute(self._aggregate, x, received)
         return x, info

@@ -15,11 +15,10 @@ from typing import Any
 
 from p2pfl import config as strict
 from p2pfl.errors import ConfigError
+from p2pfl.learn.partition import parse_partition
 from p2pfl.learn.train import TrainConfig, algorithm_preset
 from p2pfl.robust import RULES
 from p2pfl.robust.attacks import ATTACKS, check_attack
-from p2pfl.learn.partition import parse_partition
-
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -41,6 +40,9 @@ class PeerSettings:
     device: str = "auto"
     threads: int = 0                    # torch intra-op threads; 0 = torch's default
     delay_ms: float = 0.0               # injected delay before each outbound frame (fault injection)
+    bulk_port: int = 0                  # TCP port of the fast bulk channel for model frames; 0: any, -1: off
+    metrics_port: int = 0               # Prometheus endpoint; 0: off
+    metrics_host: str = "127.0.0.1"     # its bind address: local only by default (0.0.0.0 exposes it)
     # data and model (same meaning as in a scenario)
     dataset: str = "digits"
     shard: str = "0/1"                  # i/N: the i-th of N shards
@@ -86,6 +88,12 @@ class PeerSettings:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
         if self.delay_ms < 0:
             raise ConfigError(f"delay_ms: must be >= 0, got {self.delay_ms}")
+        if not -1 <= self.bulk_port <= 65535:
+            raise ConfigError(f"bulk_port: must be 0..65535 (0: any free port) or -1 (off), got {self.bulk_port}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port: must be 0..65535 (0: off), got {self.metrics_port}")
+        if not self.metrics_host.strip():
+            raise ConfigError("metrics_host: empty; give an address to bind, e.g. 127.0.0.1")
         self.train_config()
         self.check_attack()
 

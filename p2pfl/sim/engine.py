@@ -27,16 +27,16 @@ import torch
 import trio
 import trio.testing
 
+from p2pfl.files import MetricsLog, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.topology import build_topology, metropolis_hastings, neighbors, spectral_gap
 from p2pfl.learn.datasets import Dataset, load_dataset
 from p2pfl.learn.models import make_model
+from p2pfl.learn.partition import partition
 from p2pfl.learn.train import LocalTrainer, evaluate
+from p2pfl.peers import attacker as attacks
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
-from p2pfl.peers import attacker as attacks
-from p2pfl.learn.partition import partition
-from p2pfl.files import MetricsLog, write_json
 from p2pfl.sim.results import accuracy_table, plot_accuracy, plot_consensus, read_events
 from p2pfl.sim.scenario import Scenario
 

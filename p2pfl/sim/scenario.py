@@ -21,12 +21,11 @@ from p2pfl import config
 from p2pfl.errors import ConfigError
 from p2pfl.gossip.topology import parse_topology
 from p2pfl.learn.models import MODELS
-from p2pfl.learn.train import TrainConfig, algorithm_name, algorithm_preset
-from p2pfl.robust import RULES
-from p2pfl.peers.attacker import check_scenario
 from p2pfl.learn.partition import parse_partition
+from p2pfl.learn.train import TrainConfig, algorithm_name, algorithm_preset
+from p2pfl.peers.attacker import check_scenario
+from p2pfl.robust import RULES
 from p2pfl.sim.procs import FAULT_KEYS, check_faults, fault_entries
-
 
 DATASETS = ("digits", "mnist1d", "synthetic", "npz:PATH")
 ENGINES = ("inproc", "procs")   # one process (memory transport, virtual time); real peer processes

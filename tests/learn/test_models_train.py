@@ -62,7 +62,7 @@ def test_sam_step_matches_its_definition():
     m = nn.Linear(3, 2)
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
     w0 = [p.detach().clone().requires_grad_() for p in m.parameters()]
-    loss = lambda ps: nn.functional.cross_entropy(nn.functional.linear(x, ps[0], ps[1]), y)  # noqa: E731
+    loss = lambda ps: nn.functional.cross_entropy(nn.functional.linear(x, ps[0], ps[1]), y)
     g = torch.autograd.grad(loss(w0), w0)
     norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
     perturbed = [(p + 0.1 * gi / norm).detach().requires_grad_() for p, gi in zip(w0, g)]

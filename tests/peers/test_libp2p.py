@@ -55,7 +55,7 @@ def test_three_peers_over_libp2p_converge(q):
                 await ts[0].connect(ts[2].listen_addrs()[0])
                 await ts[1].connect(ts[2].listen_addrs()[0])
             peers = []
-            for i, t in enumerate(ts):
+            for t in ts:
                 x = torch.randn(64, 6, generator=g)
                 y = (x[:, 0] > 0).long()
                 nbrs = {o.local_id: None for o in ts if o is not t}
@@ -162,7 +162,7 @@ def test_hello_refuses_a_schema_mismatch_on_both_sides(caplog):
                 with pytest.raises(HelloRefused, match="gossip_steps ours 2, theirs 1"):
                     await c.connect(a.listen_addrs()[0])
                 # frames from a refused peer never get in
-                with pytest.raises(Exception):   # a resets the stream during or after negotiation
+                with pytest.raises(Exception):  # noqa: B017 -- a resets the stream during or after negotiation
                     s = await _raw_stream(b, a)
                     await s.write(_frame_bytes(ident(1)))
                     await s.read(1)

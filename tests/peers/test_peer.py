@@ -21,7 +21,7 @@ def make_peers(n, network, *, config=None, data_seed=0):
     ids = [Identity.generate(bytes([i + 1]) * 32) for i in range(n)]
     config = config or PeerConfig(train=TrainConfig(lr=0.1, local_steps=2, batch_size=8), step_timeout_s=5.0)
     peers = []
-    for i, ident in enumerate(ids):
+    for ident in ids:
         x = torch.randn(16, 6, generator=g)
         y = (x[:, 0] > 0).long()
         nbrs = {o.peer_id: None for o in ids if o is not ident}

@@ -13,11 +13,6 @@ from p2pfl.errors import ConfigError
 from p2pfl.gossip.identity import Identity
 from p2pfl.learn.models import make_model
 from p2pfl.learn.train import TrainConfig
-from p2pfl.peers.memory import MemoryNetwork
-from p2pfl.peers.peer import PeerConfig
-from p2pfl.robust import attacks as craft
-from p2pfl.sim import engine
-from p2pfl.sim import scenario as scenarios
 from p2pfl.peers.attacker import (
     AttackerPeer,
     Board,
@@ -25,6 +20,11 @@ from p2pfl.peers.attacker import (
     ObservedPeer,
     choose_attackers,
 )
+from p2pfl.peers.memory import MemoryNetwork
+from p2pfl.peers.peer import PeerConfig
+from p2pfl.robust import attacks as craft
+from p2pfl.sim import engine
+from p2pfl.sim import scenario as scenarios
 from p2pfl.sim.results import accuracy_table, read_events
 
 # -------------------------------------------------------------------------------- attacker selection

@@ -14,13 +14,13 @@ from typing import Any
 
 import trio
 from libp2p import create_identity_from_seed, new_host
-from libp2p.custom_types import TProtocol
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, Yamux, YamuxStream
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 
 from p2pfl.gossip.identity import Identity
 

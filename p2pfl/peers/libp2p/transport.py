@@ -13,6 +13,13 @@ gets its stream reset and counted), decode with `peer=` the stream's authenticat
 read side never waits on the consumer (yamux resets a writer whose reader does not read for 5 s);
 a full inbox drops the frame and counts it.
 
+The bulk channel (bulk.py) carries the same frames faster: a writer first asks the neighbour for a
+ticket on the control protocol and dials its bulk port; only if the neighbour has none, or the
+dial fails (a firewall), does it open a `/p2pfl/model/1` stream instead. Both paths feed the same
+frame reader (`_read_frames`), so every check and counter below applies to both. A new bulk
+connection from a peer replaces its previous one, and a peer that loses its accepted hello loses
+its bulk connection at the next frame.
+
 Control (`/p2pfl/ctl/1`, see control.py) runs one request/reply per stream. A peer may open model
 streams only after its hello was accepted (version, schema, config digest, allowlist); anything
 else is reset and counted as NOT_ALLOWED, so frames from a refused or unlisted peer never reach
@@ -26,12 +33,15 @@ from __future__ import annotations
 
 import logging
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import multiaddr  # type: ignore[import-untyped]
+import numpy as np
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
@@ -41,7 +51,7 @@ from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import codec
 from p2pfl.gossip.codec import Frame
 from p2pfl.gossip.identity import Identity
-from p2pfl.peers.libp2p import control
+from p2pfl.peers.libp2p import bulk, control
 from p2pfl.peers.libp2p.control import Hello
 from p2pfl.peers.libp2p.host import EndOfStream, make_host, read_exact, widen_receive_window
 from p2pfl.peers.transport import TransportStats
@@ -66,10 +76,12 @@ class Libp2pTransport:
                  psk: str | None = None, allow: Collection[str] | None = None,
                  max_frame_bytes: int = 1 << 30, inbox_frames: int = 16, outbox_frames: int = 2,
                  stall_timeout_s: float = 10.0, write_timeout_s: float = 30.0, dial_timeout_s: float = 10.0,
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, bulk_port: int | None = 0) -> None:
         """`hello`: our side of the hello (its round/peers/addrs are refreshed on every exchange).
         `allow`: peer IDs that may talk to us (None: anyone compatible). `psk`: 64 hex chars of a
-        private-network key. `delay_s`: injected latency before every outbound frame (sim faults)."""
+        private-network key. `delay_s`: injected latency before every outbound frame (sim faults).
+        `bulk_port`: TCP port of our bulk channel on the first listen address's host (0: any free
+        port; None: no bulk channel, we neither offer nor use one)."""
         if psk is not None and (len(psk) != 64 or any(c not in "0123456789abcdefABCDEF" for c in psk)):
             raise ConfigError("network key: expected 64 hex characters (a 32-byte pre-shared key)")
         self.identity = identity
@@ -81,6 +93,12 @@ class Libp2pTransport:
         self.max_frame_bytes, self.stall_timeout_s = max_frame_bytes, stall_timeout_s
         self.write_timeout_s, self.dial_timeout_s, self.delay_s = write_timeout_s, dial_timeout_s, delay_s
         self.outbox_frames = outbox_frames
+        if bulk_port is not None and not 0 <= bulk_port <= 65535:
+            raise ConfigError(f"bulk port: expected 0..65535 (0: any free port), got {bulk_port}")
+        self.bulk_port = bulk_port             # the bound port once listening
+        self._bulk_tickets: dict[bytes, tuple[str, bytes]] = {}   # token -> (peer, key), single use
+        self._bulk_issued: dict[str, bytes] = {}                  # peer -> its one outstanding token
+        self._bulk_conns: dict[str, trio.CancelScope] = {}        # peer -> its live bulk connection
         self.stats = TransportStats()
         self.peers: dict[str, Hello] = {}      # accepted peers: their latest hello
         self.refusals: dict[str, str] = {}     # peer -> why the last hello failed
@@ -95,6 +113,7 @@ class Libp2pTransport:
         self._closed = False
         self._activity = trio.Event()
         self._pending = 0                      # frames queued or being written
+        self._buffers = _BufferPool(keep=inbox_frames)
 
     async def flush(self) -> None:
         """Wait until every queued frame was written or failed (bound it with a timeout)."""
@@ -127,6 +146,12 @@ class Libp2pTransport:
             self._stack.callback(self._nursery.cancel_scope.cancel)
             self.host.set_stream_handler(MODEL_PROTOCOL, self._model_handler)
             self.host.set_stream_handler(CONTROL_PROTOCOL, self._control_handler)
+            if self.bulk_port is not None:
+                listeners = await trio.open_tcp_listeners(self.bulk_port, host=_bind_host(self.listen[0]))
+                for listener in listeners:   # accepted sockets inherit it, window scaling included
+                    listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bulk.SOCKET_BUFFER_BYTES)
+                self.bulk_port = listeners[0].socket.getsockname()[1]
+                self._nursery.start_soon(trio.serve_listeners, self._bulk_handler, listeners)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -143,6 +168,11 @@ class Libp2pTransport:
             ch.close()
         await self._inbox_send.aclose()
         await self._stack.aclose()   # no cancel scope around this: it exits the nursery we entered
+
+    @property
+    def bulk_peers(self) -> list[str]:
+        """Peers whose frames reach us over a live bulk connection (the rest use libp2p streams)."""
+        return sorted(self._bulk_conns)
 
     def listen_addrs(self) -> list[str]:
         """Every address we listen on, with /p2p/<our id>; a wildcard 0.0.0.0 is spelled out as
@@ -206,14 +236,19 @@ class Libp2pTransport:
 
     async def request(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
         """One control request/reply on a fresh stream."""
+        return (await self._request(peer, msg))[0]
+
+    async def _request(self, peer: str, msg: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """`request`, plus the remote host the stream's connection goes to."""
         stream = None
         try:
             with trio.fail_after(self.dial_timeout_s):
                 stream = await self.host.new_stream(ID.from_base58(peer), [CONTROL_PROTOCOL])
                 await stream.write(control.pack(msg))
                 reply = await _read_control(stream, peer)
+            remote = stream.get_remote_address()
             await stream.close()
-            return reply
+            return reply, (str(remote[0]) if remote else None)
         except RemoteProtocolError:
             if stream is not None:
                 await stream.reset()
@@ -278,6 +313,8 @@ class Libp2pTransport:
         if peer not in self.peers:
             self._reject(Reject.NOT_ALLOWED)
             return {"t": "error", "error": "say hello first"}
+        if msg["t"] == "bulk":
+            return self._issue_ticket(peer).to_wire()
         if self.on_control is None:
             return {"t": "error", "error": f"unknown request {msg['t']!r}"}
         return await self.on_control(peer, msg)
@@ -330,38 +367,61 @@ class Libp2pTransport:
         return buffers
 
     async def _writer(self, peer: str, frames: trio.MemoryReceiveChannel[list[bytes | memoryview]]) -> None:
-        stream = None
+        channel: bulk.BulkSender | _StreamSender | None = None
         async with frames:
             async for buffers in frames:
                 size = sum(memoryview(b).nbytes for b in buffers)
                 try:
                     if self.delay_s:
                         await trio.sleep(self.delay_s)
-                    if stream is None:
-                        with trio.fail_after(self.dial_timeout_s):
-                            stream = await self.host.new_stream(ID.from_base58(peer), [MODEL_PROTOCOL])
-                    for buf in buffers:
-                        view = memoryview(buf).cast("B")
-                        for off in range(0, view.nbytes, _WRITE_CHUNK):
-                            with trio.fail_after(self.write_timeout_s):
-                                await stream.write(view[off:off + _WRITE_CHUNK])
+                    if channel is None:
+                        channel = await self._open_channel(peer)
+                    await channel.send_frame(buffers)
                 except (Exception, trio.TooSlowError) as e:
                     self.stats.send_failures += 1
                     self._notify()
                     log.info("%s: frame to %s not sent: %s", self.local_id, peer, _reason(e))
-                    if stream is not None:
+                    if channel is not None:
                         with trio.move_on_after(1):
-                            await stream.reset()
-                    stream = None
+                            await channel.aclose()
+                    channel = None
                     self._pending -= 1
                     continue
                 self._pending -= 1
                 self.stats.frames_sent += 1
                 self.stats.bytes_sent += size
                 self._notify()
-        if stream is not None:
+        if channel is not None:
             with trio.move_on_after(1):
-                await stream.close()
+                await channel.aclose()
+
+    async def _open_channel(self, peer: str) -> bulk.BulkSender | _StreamSender:
+        """The neighbour's bulk channel if we and it have one and it answers, else a model stream."""
+        if self.bulk_port is not None:
+            try:
+                reply, host = await self._request(peer, {"t": "bulk"})
+                ticket = bulk.Ticket.from_wire(reply, peer)
+                if ticket is not None and host is not None:
+                    with trio.fail_after(self.dial_timeout_s):
+                        return await bulk.BulkSender.open(host, ticket, write_timeout_s=self.write_timeout_s)
+            except RemoteProtocolError as e:
+                self._reject(e.reason)
+                log.warning("%s: bulk ticket from %s refused: %s", self.local_id, peer, e)
+            except (ConnectionError, OSError, trio.TooSlowError) as e:
+                log.info("%s: no bulk channel to %s (%s): using a libp2p stream", self.local_id, peer, _reason(e))
+        with trio.fail_after(self.dial_timeout_s):
+            stream = await self.host.new_stream(ID.from_base58(peer), [MODEL_PROTOCOL])
+        return _StreamSender(stream, self.write_timeout_s)
+
+    def _issue_ticket(self, peer: str) -> bulk.Ticket:
+        """A fresh single-use ticket for `peer`, replacing any it did not use."""
+        if self.bulk_port is None:
+            return bulk.Ticket(0)
+        self._bulk_tickets.pop(self._bulk_issued.pop(peer, b""), None)
+        ticket = bulk.Ticket.issue(self.bulk_port)
+        self._bulk_tickets[ticket.token] = (peer, ticket.key)
+        self._bulk_issued[peer] = ticket.token
+        return ticket
 
     # -- model frames: receive ---------------------------------------------------------------------
     async def _model_handler(self, stream: Any) -> None:
@@ -371,42 +431,94 @@ class Libp2pTransport:
             log.warning("%s: model stream from %s before an accepted hello: reset", self.local_id, peer)
             await stream.reset()
             return
-        try:
-            await widen_receive_window(stream)
-            while True:
-                frame = await self._read_frame(stream, peer)
-                if frame is None:
+        await widen_receive_window(stream)
+        await self._read_frames(partial(read_exact, stream), peer)
+        with trio.move_on_after(1):
+            await stream.reset()
+
+    async def _bulk_handler(self, conn: trio.SocketStream) -> None:
+        async with conn:
+            opening = bytearray(len(bulk.MAGIC) + bulk.TOKEN_BYTES)
+            try:
+                with trio.fail_after(self.stall_timeout_s):
+                    await bulk.recv_exact(conn.socket, memoryview(opening))
+            except (EndOfStream, trio.TooSlowError):
+                opening = bytearray()
+            entry = self._bulk_tickets.pop(bytes(opening[len(bulk.MAGIC):]), None) \
+                if opening[:len(bulk.MAGIC)] == bulk.MAGIC else None
+            if entry is None or entry[0] not in self.peers:
+                self._reject(Reject.NOT_ALLOWED)
+                log.warning("%s: bulk connection from %s without a valid ticket: closed", self.local_id,
+                            conn.socket.getpeername())
+                return
+            peer, key = entry
+            self._bulk_issued.pop(peer, None)
+            previous = self._bulk_conns.pop(peer, None)
+            if previous is not None:
+                previous.cancel()
+            with trio.CancelScope() as scope:
+                self._bulk_conns[peer] = scope
+                reader = bulk.BulkReader(conn.socket, key, self.stall_timeout_s, peer)
+                await self._read_frames(reader.read_exact, peer)
+            if self._bulk_conns.get(peer) is scope:
+                del self._bulk_conns[peer]
+
+    async def _read_frames(self, read: Callable[[memoryview, float | None], Awaitable[None]], peer: str) -> None:
+        """Read frames off one stream or bulk connection into the inbox until it ends, fails, or
+        `peer` is no longer accepted; a failure is counted by reason and logged. A frame is
+        checked (digest, signature, finiteness) in a worker thread while the next one is read."""
+        done, pending = trio.open_memory_channel[memoryview](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._check_frames, pending, peer)
+            async with done:
+                try:
+                    while peer in self.peers:
+                        await done.send(await self._read_frame(read, peer))
+                except _StreamDone as e:
+                    if e.reason is not None:
+                        self._reject(e.reason)
+                        log.warning("%s: model frames from %s: connection dropped: %s", self.local_id, peer,
+                                    e.reason.value)
+                except trio.BrokenResourceError:   # the inbox closed: we are shutting down
+                    pass
+
+    async def _check_frames(self, raw: trio.MemoryReceiveChannel[memoryview], peer: str) -> None:
+        async with raw:
+            async for buf in raw:
+                dec = partial(codec.decode, buf, schema=self.hello_template.schema,
+                              max_frame_bytes=self.max_frame_bytes, peer=peer)
+                try:
+                    frame = await trio.to_thread.run_sync(dec) if buf.nbytes > _OFFLOAD_BYTES else dec()
+                except RemoteProtocolError as e:
+                    self._reject(e.reason)
+                    log.warning("%s: %s", self.local_id, e)
                     continue
+                self.stats.frames_received += 1
+                self._buffers.give_back_after(frame.payload, buf.obj)
                 try:
                     self._inbox_send.send_nowait((peer, frame))
                 except trio.WouldBlock:
                     self._reject(Reject.BUFFER_FULL)
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    break
-        except _StreamDone as e:
-            if e.reason is not None:
-                self._reject(e.reason)
-                log.warning("%s: model stream from %s reset: %s", self.local_id, peer, e.reason.value)
-                with trio.move_on_after(1):
-                    await stream.reset()
-            return
-        with trio.move_on_after(1):
-            await stream.reset()
+                    return
+                self._notify()
 
-    async def _read_frame(self, stream: Any, peer: str) -> Frame | None:
-        """One frame off the stream; None if it was read whole but refused (the stream stays in
-        sync). Raises _StreamDone when the stream cannot go on."""
+    async def _read_frame(self, read: Callable[[memoryview, float | None], Awaitable[None]],
+                          peer: str) -> memoryview:
+        """One whole frame's bytes through `read` (host.read_exact's contract), in an aligned
+        buffer for codec.decode. Raises _StreamDone when the stream cannot go on."""
         prefix = bytearray(codec.FRAME_PREFIX_BYTES)
         view = memoryview(prefix)
         started = False
         try:
-            await read_exact(stream, view[:1], None)                 # idle between frames: wait
+            await read(view[:1], None)                 # idle between frames: wait
             started = True
-            await read_exact(stream, view[1:4], self.stall_timeout_s)
+            await read(view[1:4], self.stall_timeout_s)
             total = codec.read_frame_length(view[:4], self.max_frame_bytes, peer=peer)
-            await read_exact(stream, view[4:8], self.stall_timeout_s)
-            buf = codec.frame_buffer(prefix, max_frame_bytes=self.max_frame_bytes, peer=peer)
-            await read_exact(stream, buf[codec.FRAME_PREFIX_BYTES:], self.stall_timeout_s)
+            await read(view[4:8], self.stall_timeout_s)
+            buf = codec.frame_buffer(prefix, max_frame_bytes=self.max_frame_bytes, peer=peer,
+                                     alloc=self._buffers.take)
+            await read(buf[codec.FRAME_PREFIX_BYTES:], self.stall_timeout_s)
         except RemoteProtocolError as e:  # oversize or impossible lengths: cannot resync, reset
             raise _StreamDone(e.reason) from None
         except trio.TooSlowError:
@@ -414,19 +526,7 @@ class Libp2pTransport:
         except EndOfStream:
             raise _StreamDone(Reject.TRUNCATED if started else None) from None
         self.stats.bytes_received += codec.LENGTH_PREFIX_BYTES + total
-
-        def dec() -> Frame:
-            return codec.decode(buf, schema=self.hello_template.schema, max_frame_bytes=self.max_frame_bytes,
-                                peer=peer)
-        try:
-            frame = await trio.to_thread.run_sync(dec) if total > _OFFLOAD_BYTES else dec()
-        except RemoteProtocolError as e:
-            self._reject(e.reason)
-            log.warning("%s: %s", self.local_id, e)
-            return None
-        self.stats.frames_received += 1
-        self._notify()
-        return frame
+        return buf
 
     async def receive(self) -> AsyncIterator[tuple[str, Frame]]:
         try:
@@ -436,9 +536,67 @@ class Libp2pTransport:
             return
 
 
+class _BufferPool:
+    """Receive buffers, reused once every view of the payload decoded from them is gone.
+
+    A fresh 40 MB buffer costs ~10k page faults on first write, about as much as the socket read
+    itself; a peer receives same-size frames every round, so it keeps up to `keep` buffers.
+    A payload is `np.frombuffer` of a memoryview into the buffer, and every view derived from the
+    payload keeps that memoryview alive, so its finalizer runs only when nothing can read the
+    buffer any more."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._free: list[np.ndarray] = []
+
+    def take(self, nbytes: int) -> np.ndarray:
+        for i, raw in enumerate(self._free):
+            if raw.nbytes == nbytes:
+                return self._free.pop(i)
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def give_back_after(self, payload: np.ndarray, raw: object) -> None:
+        owner = payload.base
+        if isinstance(raw, np.ndarray) and isinstance(owner, memoryview):
+            weakref.finalize(owner, self._give, raw)
+
+    def _give(self, raw: np.ndarray) -> None:   # may run in any thread: list ops are atomic
+        if len(self._free) >= self.keep:
+            self._free.pop(0)
+        self._free.append(raw)
+
+
+class _StreamSender:
+    """A `/p2pfl/model/1` stream as a frame channel (the fallback when there is no bulk channel)."""
+
+    def __init__(self, stream: Any, write_timeout_s: float) -> None:
+        self.stream, self.write_timeout_s = stream, write_timeout_s
+
+    async def send_frame(self, buffers: Sequence[bytes | memoryview]) -> None:
+        for buf in buffers:
+            view = memoryview(buf).cast("B")
+            for off in range(0, view.nbytes, _WRITE_CHUNK):
+                with trio.fail_after(self.write_timeout_s):
+                    await self.stream.write(view[off:off + _WRITE_CHUNK])
+
+    async def aclose(self) -> None:
+        await self.stream.reset()
+
+
 class _StreamDone(Exception):
     def __init__(self, reason: Reject | None) -> None:
         self.reason = reason
+
+
+def _bind_host(addr: Any) -> str:
+    """The IP of a /ip4/ or /ip6/ listen multiaddr (the bulk channel listens beside it)."""
+    for proto in ("ip4", "ip6"):
+        try:
+            return str(addr.value_for_protocol(proto))
+        except Exception:
+            continue
+    raise ConfigError(f"listen address {addr}: the bulk channel needs an /ip4/ or /ip6/ address "
+                      "(or turn it off: --bulk-port -1)")
 
 
 def _local_ipv4() -> list[str]:
