@@ -284,6 +284,9 @@ class Libp2pTransport:
         except RemoteProtocolError as e:
             self._reject(e.reason)
             await stream.reset()
+        except EndOfStream as e:   # the other side closed or went away mid-request: routine at shutdown
+            log.info("%s: control stream from %s ended: %s", self.local_id, peer, e)
+            await stream.reset()
         except (Exception, trio.TooSlowError) as e:
             log.warning("%s: control stream from %s failed: %r", self.local_id, peer, e)
             await stream.reset()
@@ -438,6 +441,10 @@ class Libp2pTransport:
 
     async def _bulk_handler(self, conn: trio.SocketStream) -> None:
         async with conn:
+            try:
+                where = conn.socket.getpeername()
+            except OSError:              # already gone
+                where = "?"
             opening = bytearray(len(bulk.MAGIC) + bulk.TOKEN_BYTES)
             try:
                 with trio.fail_after(self.stall_timeout_s):
@@ -448,8 +455,7 @@ class Libp2pTransport:
                 if opening[:len(bulk.MAGIC)] == bulk.MAGIC else None
             if entry is None or entry[0] not in self.peers:
                 self._reject(Reject.NOT_ALLOWED)
-                log.warning("%s: bulk connection from %s without a valid ticket: closed", self.local_id,
-                            conn.socket.getpeername())
+                log.warning("%s: bulk connection from %s without a valid ticket: closed", self.local_id, where)
                 return
             peer, key = entry
             self._bulk_issued.pop(peer, None)
