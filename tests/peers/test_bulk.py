@@ -172,6 +172,25 @@ def test_without_a_bulk_channel_on_either_side_frames_use_a_libp2p_stream(off):
     trio.run(main)
 
 
+def test_an_unreachable_bulk_port_falls_back_to_a_libp2p_stream():
+    async def main():
+        a, b = transport(0), transport(1)
+        async with AsyncExitStack() as stack:
+            await started(stack, a, b)
+            closed = trio.socket.socket()
+            await closed.bind(("127.0.0.1", 0))
+            a.bulk_port = closed.getsockname()[1]    # a's tickets now name a port nobody listens on
+            with trio.fail_after(LIMIT_S):
+                await b.connect(a.listen_addrs()[0])
+                assert await b.send(a.local_id, _frame(b, 0))
+                sender, frame = await a.receive().__anext__()
+            closed.close()
+            assert (sender, frame.round) == (b.local_id, 0)
+            assert a.bulk_peers == []
+            assert a.local_id in b._bulk_unreachable     # not dialled again on the next reconnect
+    trio.run(main)
+
+
 async def _bulk_socket(src, dst, token: bytes | None = None):
     """A raw connection to dst's bulk port with a ticket src asked for (or a made-up token)."""
     ticket = bulk.Ticket.from_wire(await src.request(dst.local_id, {"t": "bulk"}))

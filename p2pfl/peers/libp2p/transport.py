@@ -32,6 +32,7 @@ This folder is the only place in p2pfl that imports libp2p.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
@@ -62,6 +63,7 @@ MODEL_PROTOCOL = TProtocol("/p2pfl/model/1")
 CONTROL_PROTOCOL = TProtocol("/p2pfl/ctl/1")
 _WRITE_CHUNK = 4 << 20        # bytes per stream.write: big writes amortise Noise/yamux per-call costs
 _OFFLOAD_BYTES = 1 << 20      # decode/encode frames above this size in a worker thread
+BULK_RETRY_S = 600.0          # after a failed dial of a peer's bulk port, use libp2p streams this long
 
 
 class HelloRefused(Exception):
@@ -99,6 +101,7 @@ class Libp2pTransport:
         self._bulk_tickets: dict[bytes, tuple[str, bytes]] = {}   # token -> (peer, key), single use
         self._bulk_issued: dict[str, bytes] = {}                  # peer -> its one outstanding token
         self._bulk_conns: dict[str, trio.CancelScope] = {}        # peer -> its live bulk connection
+        self._bulk_unreachable: dict[str, float] = {}             # peer -> trio time to try its bulk port again
         self.stats = TransportStats()
         self.peers: dict[str, Hello] = {}      # accepted peers: their latest hello
         self.refusals: dict[str, str] = {}     # peer -> why the last hello failed
@@ -400,7 +403,7 @@ class Libp2pTransport:
 
     async def _open_channel(self, peer: str) -> bulk.BulkSender | _StreamSender:
         """The neighbour's bulk channel if we and it have one and it answers, else a model stream."""
-        if self.bulk_port is not None:
+        if self.bulk_port is not None and self._bulk_unreachable.get(peer, -math.inf) <= trio.current_time():
             try:
                 reply, host = await self._request(peer, {"t": "bulk"})
                 ticket = bulk.Ticket.from_wire(reply, peer)
@@ -411,7 +414,10 @@ class Libp2pTransport:
                 self._reject(e.reason)
                 log.warning("%s: bulk ticket from %s refused: %s", self.local_id, peer, e)
             except (ConnectionError, OSError, trio.TooSlowError) as e:
-                log.info("%s: no bulk channel to %s (%s): using a libp2p stream", self.local_id, peer, _reason(e))
+                # a firewall that drops the dial would cost dial_timeout_s on every reconnect: wait a while
+                self._bulk_unreachable[peer] = trio.current_time() + BULK_RETRY_S
+                log.warning("%s: bulk port of %s unreachable (%s): frames go over a libp2p stream; "
+                            "retrying the bulk port in %.0f s", self.local_id, peer, _reason(e), BULK_RETRY_S)
         with trio.fail_after(self.dial_timeout_s):
             stream = await self.host.new_stream(ID.from_base58(peer), [MODEL_PROTOCOL])
         return _StreamSender(stream, self.write_timeout_s)
