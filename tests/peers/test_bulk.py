@@ -259,3 +259,24 @@ def test_a_bulk_ticket_needs_an_accepted_hello():
             assert reply["t"] == "error"
             assert a.stats.rejected[Reject.NOT_ALLOWED.value] >= 1
     trio.run(main)
+
+
+def test_a_receive_buffer_is_reused_only_once_no_view_of_its_payload_is_left():
+    import gc
+
+    from p2pfl.peers.libp2p.transport import _BufferPool
+    pool = _BufferPool(keep=4)
+    prefix = _frame_bytes(ident(1), n=1000)
+    buf = codec.frame_buffer(prefix[:8], max_frame_bytes=1 << 20, alloc=pool.take)
+    buf[8:] = prefix[8:]
+    raw = buf.obj
+    frame = codec.decode(buf, schema=SCHEMA, max_frame_bytes=1 << 20)
+    pool.give_back_after(frame.payload, raw)
+    part = frame.payload[10:20]          # a view that outlives the frame
+    del frame, buf
+    gc.collect()
+    assert pool.take(raw.nbytes) is not raw   # still readable through `part`: not handed out
+    del part
+    gc.collect()
+    assert pool.take(raw.nbytes + 1) is not raw   # another size never gets it
+    assert pool.take(raw.nbytes) is raw

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AsyncExitStack
@@ -560,11 +561,13 @@ class _BufferPool:
     def __init__(self, keep: int) -> None:
         self.keep = keep
         self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()   # finalizers run in whichever thread drops the last view
 
     def take(self, nbytes: int) -> np.ndarray:
-        for i, raw in enumerate(self._free):
-            if raw.nbytes == nbytes:
-                return self._free.pop(i)
+        with self._lock:
+            for i, raw in enumerate(self._free):
+                if raw.nbytes == nbytes:
+                    return self._free.pop(i)
         return np.empty(nbytes, dtype=np.uint8)
 
     def give_back_after(self, payload: np.ndarray, raw: object) -> None:
@@ -572,10 +575,11 @@ class _BufferPool:
         if isinstance(raw, np.ndarray) and isinstance(owner, memoryview):
             weakref.finalize(owner, self._give, raw)
 
-    def _give(self, raw: np.ndarray) -> None:   # may run in any thread: list ops are atomic
-        if len(self._free) >= self.keep:
-            self._free.pop(0)
-        self._free.append(raw)
+    def _give(self, raw: np.ndarray) -> None:
+        with self._lock:
+            if len(self._free) >= self.keep:
+                self._free.pop(0)
+            self._free.append(raw)
 
 
 class _StreamSender:
