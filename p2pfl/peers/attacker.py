@@ -15,7 +15,8 @@ What an attacker knows:
   `Board`. A target's neighbourhood is approximated by the attacker's own honest neighbours, and its
   Byzantine neighbours by the attacker itself plus the `colluders` it was told about.
 Honest peers never wait for an attacker except through their normal step deadline, so there is no
-deadlock: honest vectors of step s depend only on step s - 1 being over.
+deadlock: honest vectors of step s depend only on step s - 1 being over. An attacker's round event says
+what it did (`round_info`): `crafted` vectors, computed from `crafted_from` honest ones.
 
 The engine asks `Cast.peer(i, ...)` for peer i: a plain `Peer` when there are no attackers, else an
 `ObservedPeer` or an `AttackerPeer`. Attacker selection (`choose_attackers`) derives from the scenario
@@ -211,6 +212,8 @@ class AttackerPeer(Peer):
             self.trainer = _Idle()  # type: ignore[assignment]
         self.noise = torch.Generator().manual_seed(config.seed ^ 0x5EED_B12A)
         self._crafted: dict[str, torch.Tensor | None] = {}
+        # this round so far: vectors crafted (one per neighbour and step) and the honest vectors they came from
+        self._tally = {"crafted": 0, "crafted_from": 0}
 
     # -- what the attacker knows about a target -----------------------------------------------------
     def _targets(self) -> list[str]:
@@ -248,21 +251,26 @@ class AttackerPeer(Peer):
         p, name = self.params, self.attack
         targets = self._targets()
         crafted: dict[str, torch.Tensor | None] = {nb: x for nb in self.tracker.neighbors}
+        made, used = 0, set[str]()   # crafted vectors; the honest peers whose vectors they came from
         if name == "silent":
             crafted = dict.fromkeys(crafted)
         elif name == "sign_flip":
             flipped = craft.sign_flip(x, scale=p["scale"])
             crafted.update({nb: flipped for nb in targets})
+            made = len(targets)
         elif name == "gaussian":
             crafted.update({nb: craft.gaussian(x, sigma=p["sigma"], generator=self.noise) for nb in targets})
+            made = len(targets)
         elif name == "free_rider" and p["mode"] == "noise":
             crafted.update({nb: craft.uniform_noise(x, scale=p["scale"], generator=self.noise) for nb in targets})
+            made = len(targets)
         elif name == "mimic":
             source = self._mimicked()
             if source is not None:
                 got = await self._gather(t, q, [source])
                 if source in got:
                     crafted.update({nb: got[source] for nb in targets})
+                    made, used = len(targets), {source}
         elif name in NEIGHBORHOOD:
             views = {nb: self._neighborhood(nb) for nb in targets}
             got = await self._gather(t, q, {j for ids, *_ in views.values() for j in ids})
@@ -270,8 +278,19 @@ class AttackerPeer(Peer):
                 vector = self._craft(view, got)
                 if vector is not None:
                     crafted[nb] = vector
+                    made += 1
+                    used.update(j for j in view[0] if j in got)
         # sign_flip/label_flip/free_rider "mean": x is the model it trained / the mean it received
         self._crafted = crafted
+        self._tally["crafted"] += made
+        self._tally["crafted_from"] += len(used)
+
+    def round_info(self, t: int) -> dict[str, Any]:
+        """`crafted`: vectors it crafted this round (one per target and step; label_flip, free_rider
+        "mean" and silent craft none); `crafted_from`: the honest vectors, received or (omniscient) read on
+        the board, those were computed from, summed over the steps."""
+        info, self._tally = self._tally, {"crafted": 0, "crafted_from": 0}
+        return info
 
     async def _gather(self, t: int, q: int, ids: Iterable[str]) -> dict[str, torch.Tensor]:
         ids = list(ids)

@@ -183,6 +183,7 @@ class Peer:
                             "rejected": dict(self.rejected + self.transport.stats.rejected),
                             "neighbor_distance": step_events[0].get("neighbor_distance"),
                             "bytes_sent": self.transport.stats.bytes_sent}
+            event.update(self.round_info(t))
             if self.test_data is not None and (t % self.config.eval_every == 0 or t == last):
                 acc, loss = await self._compute(evaluate, self.model, *self.test_data)
                 event.update(accuracy=acc, test_loss=loss)
@@ -217,6 +218,11 @@ class Peer:
         if received:
             x, info["neighbor_distance"] = await self._compute(self._aggregate, x, received)
         return x, info
+
+    def round_info(self, t: int) -> Event:
+        """Extra keys for round t's event, asked once when its gossip steps are over (an honest peer
+        has none; an attacker says what it crafted)."""
+        return {}
 
     async def prepare_step(self, t: int, q: int, x: torch.Tensor) -> None:
         """Called once per step (t, q), after entering it and before `outgoing` is asked per neighbour.

@@ -18,7 +18,8 @@ cross-process event to wait on), copies each event into the run's metrics.jsonl 
 index in `peer` (as the in-process engine writes it), drives the progress callback (slowest peer's
 round, mean accuracy), and runs the faults: `kill` SIGKILLs a peer by PID once it reports round
 `at_round` and, after `restart_after_s`, restarts it with `--resume` on its folder (checkpoints are
-atomic, so that is its last completed round); `delay` gives a peer the transport's `--delay-ms`.
+atomic, so that is its last completed round; an attacker, which keeps none, restarts fresh and catches
+up to its neighbours' round); `delay` gives a peer the transport's `--delay-ms`.
 With `attack`/`attackers`, the peers `choose_attackers` picks (as the in-process engine does) run with
 `--attack` and the other attackers as `--colluders`: real liars in their local view, over real TCP.
 They are not evaluated and keep no checkpoint; honest accuracy and consensus cover the others.
@@ -260,15 +261,27 @@ class _Fleet:
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)}
 
-    def spawn(self, p: _Peer, *, restart: bool) -> None:
+    def command(self, p: _Peer, *, restart: bool) -> list[str]:
+        """Peer p's command line: its argv, and for a restart, the neighbours to wait for and the
+        checkpoint to resume from. An attacker keeps none (and `--resume` with `--attack` is refused):
+        it restarts fresh at round 0 and the node's catch-up jumps it to its neighbours' round."""
         args = list(p.argv)
         if restart:   # wait for the neighbours that are up now, not for ones that may never come back
             up = sum(1 for j in p.neighbors if self.peers[j].alive)
             args += ["--min-neighbors", str(up), "--start-timeout", f"{2 * self.s.step_timeout_s + 10:g}"]
-            if (p.dir / "checkpoint.pt").exists():
+            if self.resumes(p):
                 args += ["--resume", str(p.dir)]
         else:
             args += ["--min-neighbors", str(len(p.neighbors))]
+        return args
+
+    @staticmethod
+    def resumes(p: _Peer) -> bool:
+        """Whether a restart of p resumes from a checkpoint (an honest peer that has written one)."""
+        return not p.byzantine and (p.dir / "checkpoint.pt").exists()
+
+    def spawn(self, p: _Peer, *, restart: bool) -> None:
+        args = self.command(p, restart=restart)
         with open(p.dir / "peer.log", "ab") as fh:
             p.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                       env=self.env)
@@ -290,7 +303,7 @@ class _Fleet:
             if p.restart_at is not None and time.monotonic() >= p.restart_at:
                 self.spawn(p, restart=True)
                 self._fault({"fault": "restart", "peer": p.index, "pid": p.proc.pid if p.proc else None,
-                             "from_checkpoint": (p.dir / "checkpoint.pt").exists()},
+                             "from_checkpoint": self.resumes(p)},
                             f"peer {p.index} restarted")
                 changed = True
         if changed:

@@ -119,6 +119,8 @@ def triangle(attack: str, params: dict, omniscient: bool) -> tuple[Recording, Re
     attacker = AttackerPeer(make_model("mlp", (6,), 2, hidden=(8,), seed=2), data(), attack=attack,
                             attack_params=params, knowledge=knowledge if omniscient else None, num_classes=2,
                             **kw(m, 2))
+    attacker.events = []   # its round events
+    attacker.on_event = attacker.events.append
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -154,6 +156,16 @@ def test_attacker_crafts_from_its_targets_honest_vectors(attack, params, omnisci
             else:
                 want = B.sent[step]
             assert torch.allclose(got, want, atol=1e-6), (attack, step)
+
+
+@pytest.mark.parametrize("attack, crafted, crafted_from", [("alie", 2, 2), ("ipm", 2, 2), ("sign_flip", 2, 0),
+                                                          ("silent", 0, 0), ("label_flip", 0, 0)])
+@pytest.mark.parametrize("omniscient", [True, False], ids=["omniscient", "local"])
+def test_an_attackers_round_event_counts_what_it_crafted_and_from_how_many_honest_vectors(
+        attack, crafted, crafted_from, omniscient) -> None:
+    *_, M = triangle(attack, {}, omniscient)
+    assert [(e["round"], e["crafted"], e["crafted_from"]) for e in M.events] == \
+        [(0, crafted, crafted_from), (1, crafted, crafted_from)]   # per round: 2 targets, A's and B's vectors
 
 
 def test_sign_flip_sends_its_negated_trained_model_and_silent_sends_nothing() -> None:

@@ -91,6 +91,35 @@ def test_attackers_get_the_attack_flags_and_know_their_colluders(tmp_path):
     assert (s1.attack, s1.aggregator, s1.f) == ("mimic", "median", 1)
 
 
+def test_a_restarted_attacker_starts_fresh_and_an_honest_peer_resumes(tmp_path):
+    """A killed attacker comes back without --resume (it keeps no checkpoint, and `p2pfl peer` refuses
+    resume with an attack), even if a checkpoint.pt lies in its folder; an honest peer resumes from its own."""
+    from p2pfl.files import MetricsLog
+    from p2pfl.sim.engine import Setup
+
+    s = scenarios.build({**FAST, "rounds": 3, "topology": "full", "aggregator": "median", "f": 1,
+                         "attack": "alie", "attackers": [1], "kill": [{"peer": 1, "at_round": 0, "restart_after_s": 1}]})
+    peers = procs._peers(s, tmp_path, Setup.build(s), [1000 + i for i in range(4)], [1])
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    fleet = procs._Fleet(s, tmp_path, peers, log, None)
+    for p in peers:
+        (p.dir / "checkpoint.pt").write_bytes(b"")     # as if each had written one
+    first = fleet.command(peers[1], restart=False)
+    assert "--attack" in first and "--resume" not in first and first[first.index("--min-neighbors") + 1] == "3"
+    again = fleet.command(peers[1], restart=True)
+    assert "--resume" not in again and not fleet.resumes(peers[1])
+    assert again[:len(peers[1].argv)] == peers[1].argv and "--attack" in again     # still the attacker
+    assert again[again.index("--min-neighbors") + 1] == "0"           # no neighbour is up in this test
+    honest = fleet.command(peers[0], restart=True)
+    assert honest[honest.index("--resume") + 1] == str(peers[0].dir) and fleet.resumes(peers[0])
+    # what `p2pfl peer` makes of the attacker's restart: accepted (resume with an attack is refused)
+    flags = {"attack": "alie", "colluders": (), "resume": None}
+    assert peer_settings.load(tmp_path / "peer.toml", flags).attack == "alie"
+    with pytest.raises(ConfigError, match="resume: an attacker"):
+        peer_settings.load(tmp_path / "peer.toml", {**flags, "resume": str(peers[1].dir)})
+    log.close()
+
+
 def test_a_torn_line_left_by_sigkill_is_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     tail = procs._Tail(path)
@@ -184,3 +213,29 @@ def test_a_sign_flip_peer_process_is_byzantine_and_median_keeps_the_honest_ones_
     assert json.loads((tmp_path / "peer-0" / "summary.json").read_text())["byzantine"] is False
     # the honest peers did receive the liar's frames (it sent, they aggregated them away)
     assert all(e["received"] == 3 for e in _events(tmp_path) if e["kind"] == "round" and e["peer"] != 2)
+
+
+@pytest.mark.slow
+def test_an_alie_peer_process_crafts_from_its_neighbours_frames_and_trimmed_mean_holds(tmp_path):
+    # the local-view path over libp2p: the attacker waits in prepare_step for its honest neighbours'
+    # frames of each step, crafts mu - z*sigma from them and sends that. Full graph on 5 peers: each
+    # honest peer has n = 5 inputs (>= 2f + 3 for f = 1), one of them the liar's.
+    s = scenarios.build({**FAST, "name": "procs-alie", "peers": 5, "rounds": 3, "topology": "full",
+                         "aggregator": "trimmed_mean", "f": 1, "attack": "alie", "attackers": [3],
+                         "centralized": False})
+    summary = procs.run(s, tmp_path, timeout_s=120)
+    assert summary["byzantine"] == [3] and summary["attack"] == "alie"
+    assert summary["rounds_done"] == [3] * 5                # every process finishes every round
+    liar = json.loads((tmp_path / "peer-3" / "summary.json").read_text())
+    assert liar["attack"] == "alie" and liar["byzantine"] is True and liar["rounds_done"] == 3
+    assert liar["frames_sent"] > 0
+    events = _events(tmp_path)
+    crafted = [e for e in events if e["kind"] == "round" and e["peer"] == 3]
+    assert [e["round"] for e in crafted] == [0, 1, 2]
+    # every round it crafted vectors for its 4 targets from the honest vectors it had received
+    assert all(e["crafted"] > 0 and e["crafted_from"] > 0 for e in crafted), crafted
+    assert max(e["crafted_from"] for e in crafted) == 4      # all four honest neighbours, in some round
+    honest = [e for e in events if e["kind"] == "round" and e["peer"] != 3]
+    assert honest and all("crafted" not in e for e in honest)
+    assert all(e["received"] == 4 for e in honest)          # the liar's crafted frames came in time, every step
+    assert summary["honest_accuracy"]["min"] > 0.3          # 10 classes: chance is 0.1
