@@ -2,20 +2,19 @@
 
 Theory of operation
 -------------------
-Model frames travel on `/p2pfl/model/1`: one long-lived outbound stream per neighbour, owned by a
-writer task fed through a short queue (so a slow neighbour delays nobody else, and `send` returns
-at once). Each frame is the codec's own u32-length-prefixed frame; we never rely on EOF. The
-reader of an inbound stream loops: read the 4-byte prefix (waiting as long as it takes: a stream
-idles between rounds), refuse an oversize frame before reading its body, then read the rest into
-an aligned `frame_buffer` with a stall timeout on every read (a neighbour that stalls mid-frame
-gets its stream reset and counted), decode with `peer=` the stream's authenticated remote peer
-(so a forged "from" is refused), and hand the frame to a bounded inbox with `send_nowait`: the
-read side never waits on the consumer (yamux resets a writer whose reader does not read for 5 s);
-a full inbox drops the frame and counts it.
-
-The bulk channel (bulk.py) carries the same frames faster: a writer first asks the neighbour for a
-ticket on the control protocol and dials its bulk port; only if the neighbour has none, or the
-dial fails (a firewall), does it open a `/p2pfl/model/1` stream instead. Both paths feed the same
+Model frames: one long-lived outbound channel per neighbour, owned by a writer task fed through a
+short queue (so a slow neighbour delays nobody else, and `send` returns at once). The channel is
+the neighbour's bulk channel (bulk.py: a ticket asked for on the control protocol, then a TCP
+connection to its bulk port); only if the neighbour has none, or the dial fails (a firewall), is
+it a `/p2pfl/model/1` stream. Each frame is the codec's own u32-length-prefixed frame; we never
+rely on EOF. The reader of an inbound channel loops: read the 4-byte prefix (waiting as long as it
+takes: a channel idles between rounds), refuse an oversize frame before reading its body, then
+read the rest into a pooled, aligned `frame_buffer` with a stall timeout on every read (a
+neighbour that stalls mid-frame gets its channel closed and counted). A checker task decodes the
+frame in a worker thread while the next one is read, with `peer=` the authenticated remote peer
+(so a forged "from" is refused), and hands it to a bounded inbox with `send_nowait`: the read side
+never waits on the consumer, only on the previous frame's check (yamux resets a writer whose
+reader does not read for 5 s); a full inbox drops the frame and counts it. Both paths feed the same
 frame reader (`_read_frames`), so every check and counter below applies to both. A new bulk
 connection from a peer replaces its previous one, and a peer that loses its accepted hello loses
 its bulk connection at the next frame.
