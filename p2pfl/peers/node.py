@@ -391,14 +391,11 @@ class Node:
         """What the Prometheus endpoint exports. Runs in the HTTP server's thread: it only reads
         attributes and copies counters with dict() (atomic under the GIL), never iterates live ones."""
         st = self.transport.stats
-        rejected = dict(self.peer.rejected)
-        for reason, n in dict(st.rejected).items():
-            rejected[reason] = rejected.get(reason, 0) + n
         return Snapshot(rounds_done=self.peer.round, accuracy=self._accuracy,
                         neighbors=len(self.peer.tracker.neighbors), last_round_wait_s=self._last_wait_s,
                         wait_s_total=self._wait_s_total, bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
                         frames_sent=st.frames_sent, frames_received=st.frames_received,
-                        send_failures=st.send_failures, rejected=rejected)
+                        send_failures=st.send_failures, rejected=self.peer.rejections())
 
     # -- summary ------------------------------------------------------------------------------------
     def _summary(self, wall_s: float) -> dict[str, Any]:
@@ -406,7 +403,6 @@ class Node:
         accs = [e["accuracy"] for e in self.events if "accuracy" in e]
         last = accs[-1] if accs else None
         i, n = s.shard_index()
-        rejected = dict(self.peer.rejected + self.transport.stats.rejected)
         return {
             "name": f"peer-{i}", "peer_id": self.identity.peer_id, "shard": s.shard, "peers": n,
             "rounds": s.rounds, "rounds_done": self.peer.round, "rounds_run": len(self.events),
@@ -419,7 +415,7 @@ class Node:
             "frames_sent": self.transport.stats.frames_sent, "frames_received": self.transport.stats.frames_received,
             "send_failures": self.transport.stats.send_failures,
             "wall_s": wall_s, "peer_rounds_per_s": len(self.events) / wall_s if wall_s > 0 else math.nan,
-            "rejected": rejected, "neighbors": sorted(self.peer.tracker.neighbors), "device": str(self.device),
+            "rejected": self.peer.rejections(), "neighbors": sorted(self.peer.tracker.neighbors), "device": str(self.device),
             "attack": s.attack, "byzantine": self.byzantine,
         }
 

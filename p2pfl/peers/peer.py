@@ -180,7 +180,7 @@ class Peer:
                             "missing": sorted({m for s in step_events for m in s["missing"]}),
                             # seconds spent waiting for neighbours' frames after sending, over the Q steps
                             "wait_s": sum(s["wait_s"] for s in step_events),
-                            "rejected": dict(self.rejected + self.transport.stats.rejected),
+                            "rejected": self.rejections(),
                             "neighbor_distance": step_events[0].get("neighbor_distance"),
                             "bytes_sent": self.transport.stats.bytes_sent}
             event.update(self.round_info(t))
@@ -218,6 +218,11 @@ class Peer:
         if received:
             x, info["neighbor_distance"] = await self._compute(self._aggregate, x, received)
         return x, info
+
+    def rejections(self) -> dict[str, int]:
+        """Everything refused so far, by reason: the transport's and ours. Safe from another thread
+        (a metrics scrape): each live counter is copied with dict(), one step under the GIL."""
+        return dict(Counter(dict(self.rejected)) + Counter(dict(self.transport.stats.rejected)))
 
     def round_info(self, t: int) -> Event:
         """Extra keys for round t's event, asked once when its gossip steps are over (an honest peer

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import gc
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,10 +197,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     plot_accuracy(table, out / "accuracy.png", s.name if not cast.byzantine else
                   f"{s.name}: honest peers ({len(cast.byzantine)} {s.attack} attackers)")
     plot_consensus(events, out / "consensus.png", s.name)
-    rejected: dict[str, int] = {}
-    for p in (peers[i] for i in sorted(honest)):
-        for reason, n in (p.rejected + p.transport.stats.rejected).items():
-            rejected[reason] = rejected.get(reason, 0) + n
+    rejected = dict(sum((Counter(peers[i].rejections()) for i in sorted(honest)), Counter[str]()))
     final = watcher.rounds[-1]
     summary = {
         "name": s.name, "peers": s.peers, "rounds": s.rounds, "seed": s.seed, "topology": s.topology,
