@@ -23,7 +23,7 @@ err = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)   # one line, even past 80 columns
     raise typer.Exit(2)
 
 
@@ -193,8 +193,12 @@ def peer(
     rounds: Optional[int] = typer.Option(None, help="rounds to run [30]"),
     out: Optional[Path] = typer.Option(None, help="folder for metrics.jsonl, summary.json, checkpoint.pt [peer-out]"),
     resume: Optional[Path] = typer.Option(None, help="restart from the checkpoint in this folder"),
+    fresh: bool = typer.Option(False, "--fresh", help="start over, overwriting a checkpoint in --out "
+                                                      "(without it, an existing one is refused)"),
     network_key: Optional[Path] = typer.Option(None, help="file with a 64-hex-char private-network key"),
     allow: Optional[Path] = typer.Option(None, help="file with the peer IDs allowed to join, one a line"),
+    peer_exchange_dns: bool = typer.Option(False, "--peer-exchange-dns", help="also dial DNS names that other "
+                                                                              "peers pass on (off: IP addresses only)"),
     device: Optional[str] = typer.Option(None, help="cuda, cpu or auto [auto]"),
     threads: Optional[int] = typer.Option(None, help="torch threads (0: torch's default)"),
     dataset: Optional[str] = typer.Option(None, help="digits, mnist1d, synthetic, npz:PATH"),
@@ -235,7 +239,8 @@ def peer(
     overrides: dict[str, Any] = dict(
         key=key, listen=tuple(listen or ()), bootstrap=tuple(bootstrap or ()),
         neighbors=tuple(n for n in (neighbors or "").split(",") if n), degree=degree, min_neighbors=min_neighbors,
-        start_timeout=start_timeout, rounds=rounds, out=out, resume=resume, network_key=network_key, allow=allow,
+        start_timeout=start_timeout, rounds=rounds, out=out, resume=resume, fresh=fresh or None,   # no --fresh: the file's
+        network_key=network_key, allow=allow, peer_exchange_dns=peer_exchange_dns or None,
         device=device, threads=threads, dataset=dataset, shard=shard, partition=partition, seed=seed, model=model,
         aggregator=aggregator, gossip_steps=gossip_steps, algorithm=algorithm, rho=rho, momentum=momentum,
         lr_decay=lr_decay, weight_decay=weight_decay, lr=lr, local_epochs=local_epochs, local_steps=local_steps,

@@ -29,8 +29,8 @@ C = TypeVar("C")
 def parse_toml(text: str, source: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError; an int past Python's 4300 digits; deep nesting
+        raise ConfigError(f"{source}: not valid TOML: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
@@ -39,6 +39,8 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:  # TOML is UTF-8; any other bytes are a wrong file, not a crash
+        raise ConfigError(f"{what} {path}: not UTF-8 text") from None
     return parse_toml(text, str(path))
 
 
@@ -71,6 +73,7 @@ def build(cls: Callable[..., C], values: dict[str, Any], source: str,
           special: Callable[[str, Any], Any] | None = None) -> C:
     """`cls(**values)` after refusing unknown keys and coercing each value; `special(key, value)`
     handles the keys a caller parses itself (it returns NotImplemented for the others)."""
+    _check_toml(values, source)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)
     if unknown:
@@ -80,3 +83,26 @@ def build(cls: Callable[..., C], values: dict[str, Any], source: str,
         parsed = special(k, v) if special else NotImplemented
         out[k] = coerce(cls, k, v) if parsed is NotImplemented else parsed  # type: ignore[arg-type]
     return cls(**out)
+
+
+def _check_toml(values: dict[str, Any], source: str) -> None:
+    """ConfigError unless every table key, nested ones included, is a str and every int fits 64 bits, as
+    TOML 1.0 says. tomllib reads any number of digits, and a caller's dict may hold anything; the
+    checks downstream sort keys, pass tables as **kwargs and turn ints into floats (10**400 has none)."""
+    stack: list[tuple[str, Any]] = [(source, values)]
+    seen: set[int] = set()
+    while stack:  # not recursive: a caller's structure may nest deeper than the recursion limit
+        where, value = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in seen:  # shared or cyclic containers: each is checked once
+                continue
+            seen.add(id(value))
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise ConfigError(f"{where}: keys must be strings, got {k!r}")
+                stack.append((k if where == source else f"{where}.{k}", v))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((where, v) for v in value)
+        elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{where}: an integer of {value.bit_length()} bits; TOML integers are 64-bit")

@@ -9,6 +9,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
+from typing import Final
+
+REMOTE_TEXT_CHARS: Final = 120   # the most of any one peer-supplied string that goes into a message or a log
 
 
 class P2PFLError(Exception):
@@ -31,7 +35,10 @@ class Reject(str, enum.Enum):
     BAD_HEADER = "bad_header"
     UNKNOWN_VERSION = "unknown_version"
     WRONG_SCHEMA = "wrong_schema"
-    WRONG_SIZE = "wrong_size"
+    WRONG_SIZE = "wrong_size"        # element count differs from the declared payload's
+    WRONG_DTYPE = "wrong_dtype"      # wire dtype differs from the declared payload's
+    UNKNOWN_KIND = "unknown_kind"    # a payload kind the peer does not accept
+    OUT_OF_RANGE = "out_of_range"    # finite, but a value beyond the payload's magnitude bound
     NON_FINITE = "non_finite"
     BAD_DIGEST = "bad_digest"
     BAD_SIGNATURE = "bad_signature"
@@ -49,12 +56,32 @@ class Reject(str, enum.Enum):
     BAD_RECORD = "bad_record"        # a bulk-channel record failed authentication (altered, replayed, wrong key)
 
 
+def printable(value: object, limit: int = REMOTE_TEXT_CHARS) -> str:
+    """Peer-supplied text made safe for a message or a log line: control characters, newlines and
+    non-ASCII escaped (a peer cannot forge a line such as "round 999/999 done"), and at most `limit`
+    characters kept (a peer cannot grow our log by the size of its strings)."""
+    text = value if isinstance(value, str) else repr(value)
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
+    if len(escaped) > limit:
+        escaped = f"{escaped[:limit]}...(+{len(escaped) - limit} chars)"
+    return escaped
+
+
+def field_names(keys: Iterable[object], limit: int = 16) -> str:
+    """The keys of a peer's map, for an error message: any types (msgpack allows bytes keys, which
+    cannot be sorted with str keys), each escaped, at most `limit` of them."""
+    names = sorted(printable(k, 40) for k in keys)
+    more = f", +{len(names) - limit} more" if len(names) > limit else ""
+    return "[" + ", ".join(names[:limit]) + more + "]"
+
+
 class RemoteProtocolError(P2PFLError):
     """A remote peer sent something illegal."""
 
     def __init__(self, reason: Reject, detail: str = "", peer: str | None = None) -> None:
         self.reason = reason
-        self.detail = detail
+        self.detail = detail = printable(detail, 200)   # it quotes what the peer sent, and goes into logs
         self.peer = peer
         who = f" from {peer}" if peer else ""
         super().__init__(f"rejected frame{who}: {reason.value}" + (f" ({detail})" if detail else ""))

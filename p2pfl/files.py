@@ -3,16 +3,21 @@
 Theory of operation: a file that matters (summary, checkpoint, key) is written to a temp file in
 the same folder, fsynced, renamed over the target and the folder fsynced, so a reader or a
 restart sees the old file or the whole new one, never a part. The event log is append-only; a
-process killed mid-write leaves at most one torn last line, which readers drop.
+process killed mid-write leaves at most one torn last line, which readers drop. It is opened
+without following a symbolic link and must be a regular file: a link planted in an output folder
+would otherwise make us append to whatever file it names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, TextIO
+
+from p2pfl.errors import ConfigError
 
 
 def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
@@ -51,8 +56,22 @@ class MetricsLog:
     """Append-only JSON-lines event log."""
 
     def __init__(self, path: str | Path) -> None:
+        """Open `path` for appending (created 0644 if absent); ConfigError naming it if it is a
+        symbolic link, not a regular file, or cannot be opened."""
         self.path = Path(path)
-        self._fh: TextIO = open(self.path, "a", encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO for writing would otherwise wait for a reader; both flags are POSIX only
+        nonblock = getattr(os, "O_NONBLOCK", 0)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | nonblock
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as e:   # a link fails with ELOOP, a FIFO without a reader with ENXIO: say what it is
+            raise ConfigError(f"metrics log {self.path}: {_not_regular(self.path) or e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ConfigError(f"metrics log {self.path}: {_not_regular(self.path) or 'not a regular file'}")
+        if nonblock:   # it has done its job; the log's writes block as ordinary file writes do
+            os.set_blocking(fd, True)
+        self._fh: TextIO = open(fd, "a", encoding="utf-8")
 
     def write(self, event: dict[str, Any]) -> None:
         self._fh.write(_ENCODER.encode(event) + "\n")
@@ -62,3 +81,16 @@ class MetricsLog:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _not_regular(path: Path) -> str | None:
+    """What is wrong with appending to `path`, if it exists as something other than a regular file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link; refusing to follow it (remove it or pick another output folder)"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (remove it or pick another output folder)"
+    return None

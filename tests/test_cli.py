@@ -84,3 +84,88 @@ def test_every_command_has_help(command):
     r = p2pfl(command, "--help")
     assert r.returncode == 0, r.stderr
     assert "Usage:" in r.stdout and "Traceback" not in r.stderr
+
+
+# -- p2pfl peer: files it refuses before any work, each in one line with exit 2 ---------------------
+PEER_ARGS = ("--listen", "/ip4/127.0.0.1/tcp/0", "--bulk-port", "-1", "--start-timeout", "0.1", "--rounds", "3")
+
+
+def _checkpoint_dir(tmp_path, mutate):
+    """A folder with a peer key (0600) and a sealed checkpoint of the default peer's model and
+    identity, changed by `mutate(state)`: what `p2pfl peer --resume` would otherwise accept."""
+    import io
+
+    import torch
+
+    from p2pfl.gossip.identity import Identity
+    from p2pfl.learn.datasets import load_dataset
+    from p2pfl.learn.models import ParamLayout, make_model
+    from p2pfl.learn.train import LocalTrainer, TrainConfig
+    from p2pfl.peers import checkpoint
+
+    d = tmp_path / "run"
+    ident = Identity.generate()
+    ident.save(d / "peer.key")
+    data = load_dataset("digits", seed=0)
+    model = make_model("mlp", data.input_shape, data.num_classes, hidden=(64,), seed=0)
+    trainer = LocalTrainer(model, torch.zeros(1, *data.input_shape), torch.zeros(1, dtype=torch.long),
+                           TrainConfig(), torch.Generator())
+    raw = checkpoint.snapshot(trainer, round=1, peer_id=ident.peer_id, schema=ParamLayout.of(model).schema)
+    state = torch.load(io.BytesIO(raw), weights_only=True)
+    buf = io.BytesIO()
+    torch.save(mutate(state), buf)
+    checkpoint.write(d, checkpoint.seal(buf.getvalue()))
+    return d
+
+
+def _nan_model_far_ahead(state):
+    import math
+
+    state["model"] = {k: v.fill_(math.nan) for k, v in state["model"].items()}
+    state["round"] = 10**12
+    return state
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert all(n in r.stderr for n in needles), r.stderr
+    assert "listening on" not in r.stdout        # stopped before it joined anyone
+
+
+def test_peer_refuses_a_non_finite_far_ahead_checkpoint_in_one_line(tmp_path):
+    d = _checkpoint_dir(tmp_path, _nan_model_far_ahead)
+    r = p2pfl("peer", "--resume", d, "--out", d, *PEER_ARGS)
+    _one_line_error(r, f"error: resume: {d / 'checkpoint.pt'}: round 1000000000000 is beyond rounds = 3")
+
+
+def test_peer_refuses_an_altered_checkpoint_in_one_line(tmp_path):
+    import torch
+
+    d = _checkpoint_dir(tmp_path, lambda state: state)
+    path = d / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    at = data.find(torch.load(path, weights_only=True)["model"]["1.weight"].numpy().tobytes())
+    data[at:at + 4] = torch.tensor([float("inf")]).numpy().tobytes()   # torch still loads it
+    path.write_bytes(bytes(data))
+    r = p2pfl("peer", "--resume", d, "--out", d, *PEER_ARGS)
+    _one_line_error(r, f"error: resume: {path}: integrity check failed")
+
+
+def test_peer_refuses_a_key_file_others_can_read(tmp_path):
+    from p2pfl.gossip.identity import Identity
+
+    key = tmp_path / "peer.key"
+    Identity.generate().save(key)
+    key.chmod(0o644)
+    r = p2pfl("peer", "--key", key, "--out", tmp_path / "out", *PEER_ARGS)
+    _one_line_error(r, f"identity key file '{key}' has mode 0644", f"run `chmod 600 {key}`")
+
+
+def test_peer_refuses_to_overwrite_a_checkpoint_unless_resumed_or_fresh(tmp_path):
+    d = _checkpoint_dir(tmp_path, lambda state: state)
+    r = p2pfl("peer", "--out", d, *PEER_ARGS)
+    _one_line_error(r, f"error: out: {d / 'checkpoint.pt'} exists; continue it with --resume {d}",
+                    "start over with --fresh")
+    r = p2pfl("peer", "--out", d, "--resume", d, "--fresh", *PEER_ARGS)
+    _one_line_error(r, "fresh: given with resume")

@@ -22,13 +22,15 @@ the embedded public key matches the seed); ``Identity.save`` writes the 32-byte 
 only one py-libp2p can read back.
 
 Invariants: the private key never appears in ``repr``; files are written atomically with mode
-0600. This module must not import trio or libp2p (gossip/ is sans-IO).
+0600; ``load(..., owner_only=True)`` (a peer's own key) refuses a file group or others can
+access. This module must not import trio or libp2p (gossip/ is sans-IO).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import stat
 from pathlib import Path
 from typing import Final
 
@@ -245,12 +247,19 @@ class Identity:
         atomic_write(path, data, mode=0o600)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Identity:
+    def load(cls, path: str | os.PathLike[str], *, owner_only: bool = False) -> Identity:
         """Read a libp2p protobuf private-key file (ours, py-libp2p's, or go-libp2p's 64-byte
-        form). Raises `ConfigError` naming the path if it is missing, unreadable or corrupt."""
+        form). Raises `ConfigError` naming the path if it is missing, unreadable or corrupt, and,
+        with `owner_only` (a peer's own key), if group or others may read or write it, as ssh
+        refuses such a key: someone else may have copied it."""
         path = Path(path)
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as fh:
+                mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)   # of the file we read, not of a later one
+                if owner_only and os.name != "nt" and mode & 0o077:  # Windows has no such mode bits
+                    raise ConfigError(f"identity key file {str(path)!r} has mode {mode:04o}: group or others can "
+                                      f"access it; run `chmod 600 {path}`")
+                raw = fh.read()
         except FileNotFoundError:
             raise ConfigError(f"identity key file {str(path)!r} does not exist") from None
         except OSError as e:

@@ -129,3 +129,13 @@ class StepTracker(Generic[V]):
     def peer_round(self, sender: str) -> int:
         """The latest round seen from `sender` (-1 if none): lets a late joiner catch up."""
         return self._last_seen.get(sender, -1) // self.steps_per_round if sender in self._last_seen else -1
+
+
+def agreed_round(claims: Iterable[int]) -> int:
+    """The highest round that a majority of neighbours claim to have reached: a peer catches up to
+    it, never to one neighbour's word. With n claims, floor(n/2) + 1 of them must be at or past the
+    result, so a liar moves a peer only where liars are a majority of its neighbours (and there it
+    controls what the peer mixes anyway); an honest peer that caught up then claims a round that a
+    majority of its own neighbours vouched for, so a lie does not spread. -1 with no claims."""
+    ordered = sorted(claims, reverse=True)
+    return ordered[len(ordered) // 2] if ordered else -1

@@ -19,14 +19,16 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 import trio
 
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import codec
+from p2pfl.gossip import payloads as payloads_module
 from p2pfl.gossip.codec import Frame
 from p2pfl.gossip.identity import Identity
+from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.peers.transport import TransportStats
 
 
@@ -82,6 +84,12 @@ class MemoryTransport:
         self.stats = TransportStats()
         self._send, self._inbox = trio.open_memory_channel[tuple[float, str, object]](network.inbox_frames)
         self._closed = False
+        self.payloads: Mapping[str, PayloadSpec] | None = None   # None: any kind and size (tests, tools)
+        self.max_frame_bytes = network.max_frame_bytes
+
+    def expect(self, payloads: Mapping[str, PayloadSpec]) -> None:
+        self.payloads = dict(payloads)
+        self.max_frame_bytes = min(self.network.max_frame_bytes, payloads_module.max_frame_bytes(payloads))
 
     @property
     def local_id(self) -> str:
@@ -114,17 +122,22 @@ class MemoryTransport:
         net = self.network
         if isinstance(item, (bytes, bytearray)):
             self.stats.bytes_received += len(item)
-            frame = codec.decode(item, schema=net.schema, max_frame_bytes=net.max_frame_bytes)
+            frame = codec.decode(item, schema=net.schema, max_frame_bytes=self.max_frame_bytes)
             if frame.sender != sender:
                 raise RemoteProtocolError(Reject.FORGED_SENDER, f"frame claims {frame.sender}", sender)
-            return frame
-        assert isinstance(item, Frame)
-        self.stats.bytes_received += item.payload.nbytes
-        if net.schema is not None and item.schema != net.schema:
-            raise RemoteProtocolError(Reject.WRONG_SCHEMA, "", sender)
-        if not codec.all_finite(item.payload, item.dtype):
-            raise RemoteProtocolError(Reject.NON_FINITE, "", sender)
-        return item
+        else:
+            assert isinstance(item, Frame)
+            frame = item
+            self.stats.bytes_received += frame.payload.nbytes
+            if frame.payload.nbytes + codec.FRAME_PREFIX_BYTES > self.max_frame_bytes:
+                raise RemoteProtocolError(Reject.OVERSIZE, f"{frame.payload.nbytes} payload bytes", sender)
+            if net.schema is not None and frame.schema != net.schema:
+                raise RemoteProtocolError(Reject.WRONG_SCHEMA, "", sender)
+            if not codec.all_finite(frame.payload, frame.dtype):
+                raise RemoteProtocolError(Reject.NON_FINITE, "", sender)
+        if self.payloads is not None:
+            payloads_module.check(frame.kind, frame.dtype, frame.payload, self.payloads, sender)
+        return frame
 
     async def receive(self) -> AsyncIterator[tuple[str, Frame]]:
         pending: list[tuple[float, int, str, object]] = []   # (due, seq, sender, item): a heap

@@ -6,7 +6,8 @@ Theory of operation
 - bootstrap: dial each `--bootstrap` address until it answers (exponential backoff; the first
   failure is reported in one line, the rest quietly); a hello that is refused is final.
 - membership: every accepted hello (ours or theirs) brings the other side's known peers (peer
-  exchange); we dial those we do not know yet, and every `refresh_s` we re-hello the neighbours
+  exchange); we dial those we do not know yet, within the budgets and address checks of
+  `exchange.DialPolicy` (no own, out-of-scope or DNS addresses, rate-limited), and every `refresh_s` we re-hello the neighbours
   (to learn their round and notice restarts) and redial wanted ones that are gone. While a wanted
   neighbour is missing (an explicit one we have no hello from, or fewer links than `degree`), the
   refresh re-hellos every accepted peer, bootstrap peers included: two peers that joined the same
@@ -18,8 +19,10 @@ Theory of operation
   agree on (a hash of the pair and the seed), accept up to degree + 2 incoming requests, and mix
   uniformly (degrees still change).
 The round loop runs `peer.train(1)` per round. Before each round it applies neighbour changes
-(a neighbour that missed `suspect_after` rounds in a row is set aside until it says hello again),
-jumps ahead when a neighbour is further on (a late joiner or a restarted peer catches up), then
+(a neighbour that missed SUSPECT_AFTER rounds in a row is set aside for 2, 4, 8 ... 64 rounds, then
+gets one more chance; a hello does not clear its misses, only a delivered frame does, and while set
+aside it cannot take a link slot back), jumps ahead when a majority of its neighbours are further on
+(`agreed_round`: a late joiner or a restarted peer catches up, a liar's claim alone moves nothing), then
 trains, logs the round event and writes the checkpoint. With `attack` set the peer is an
 `AttackerPeer` in its local view (it crafts from what its own neighbours send it, sparing the
 `colluders`); it is not evaluated, writes no checkpoint (its trainer may be a stand-in) and its
@@ -45,22 +48,26 @@ import numpy as np
 import torch
 import trio
 
-from p2pfl.errors import ConfigError
+from p2pfl.errors import ConfigError, LocalProtocolError, printable
 from p2pfl.files import MetricsLog, write_json
 from p2pfl.gossip.identity import Identity
+from p2pfl.gossip.rounds import agreed_round
 from p2pfl.learn.datasets import load_dataset
 from p2pfl.learn.models import ParamLayout, make_model
 from p2pfl.learn.partition import partition
 from p2pfl.peers import checkpoint
+from p2pfl.peers.exchange import DialPolicy
 from p2pfl.peers.libp2p import Hello, HelloRefused, Libp2pTransport
 from p2pfl.peers.metrics import PeerMetrics, Snapshot
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.settings import PeerSettings
+from p2pfl.peers.transport import LogThrottle
 from p2pfl.robust import check_rule
 
 log = logging.getLogger(__name__)
 
 SUSPECT_AFTER = 3        # rounds missed in a row before a neighbour is set aside
+MAX_BENCH_ROUNDS = 64    # the longest a silent neighbour is set aside (it doubles per offence up to this)
 REFRESH_S = 5.0          # re-hello period
 BACKOFF_MAX_S = 30.0
 
@@ -74,14 +81,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_identity(s: PeerSettings) -> Identity:
+    """The peer's key, refused if group or others may read it (as ssh does); generated when absent."""
     if s.resume and s.key is None and (Path(s.resume) / "peer.key").exists():
-        return Identity.load(Path(s.resume) / "peer.key")
+        return Identity.load(Path(s.resume) / "peer.key", owner_only=True)
     if s.key is not None and Path(s.key).exists():
-        return Identity.load(s.key)
+        return Identity.load(s.key, owner_only=True)
     ident = Identity.generate()
     path = Path(s.key) if s.key is not None else Path(s.out) / "peer.key"
     if path.exists():
-        return Identity.load(path)
+        return Identity.load(path, owner_only=True)
     ident.save(path)
     return ident
 
@@ -89,6 +97,8 @@ def load_identity(s: PeerSettings) -> Identity:
 def _read_lines(path: str, what: str) -> list[str]:
     try:
         return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not a text file") from None
     except OSError as e:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
 
@@ -115,7 +125,7 @@ class Node:
         test = (to(data.x_test), to(data.y_test))
         model = make_model(s.model, data.input_shape, data.num_classes, hidden=s.hidden, seed=s.seed).to(self.device)
         self.schema = ParamLayout.of(model).schema
-        psk = _read_lines(s.network_key, "network key")[0] if s.network_key else None
+        psk = s.network_psk()
         allow = set(_read_lines(s.allow, "allowlist")) if s.allow else None
         self.transport = Libp2pTransport(self.identity, Hello(schema=self.schema, settings=s.protocol_settings()),
                                          listen=s.listen, psk=psk, allow=allow, delay_s=s.delay_ms / 1000,
@@ -142,20 +152,29 @@ class Node:
         self.peer.on_event = self._on_round
         self.resumed_from: int | None = None
         if s.resume:
-            ck = checkpoint.load(s.resume, map_location=self.device)
+            ck = checkpoint.load(s.resume, map_location=self.device, max_round=s.rounds)
             if ck.peer_id != self.identity.peer_id or ck.schema != self.schema:
                 raise ConfigError(f"resume: {s.resume} holds a checkpoint of another peer or model")
-            ck.apply(self.peer.trainer)
+            ck.apply(self.peer.trainer)   # refuses (ConfigError) a checkpoint that does not fit, changing nothing
             if hasattr(self.peer, "flat"):
                 self.peer.vector = self.peer.flat.get()   # x_i after the checkpointed round
             self.peer.round = self.resumed_from = ck.round
+        elif not s.fresh and not self.byzantine and (self.out / checkpoint.FILENAME).exists():
+            # an attacker writes no checkpoint, so it has none to lose
+            raise ConfigError(f"out: {self.out / checkpoint.FILENAME} exists; continue it with --resume {self.out} "
+                              "or start over with --fresh (overwrites it)")
         self._last_snapshot: bytes | None = None
         self.transport.degree = len(self.explicit)   # a fixed overlay advertises its degree: MH weights
         self.links: set[str] = set(self.explicit)
-        self.misses: Counter[str] = Counter()
+        self.misses: Counter[str] = Counter()    # rounds missed in a row; only a delivered frame resets it
+        self.benched: dict[str, int] = {}         # set-aside neighbour -> the round it may come back
+        self.offences: Counter[str] = Counter()   # times each peer was set aside: the backoff doubles
         self.dialing: set[str] = set()
         self.stopping = False
         self.refresh_s = REFRESH_S
+        # the scope (loopback or not) is known now; the ports once we listen, when it is replaced
+        self.exchange = DialPolicy(self.identity.peer_id, s.listen, allow_dns=s.peer_exchange_dns)
+        self._throttle = LogThrottle(log)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.prometheus = PeerMetrics(self.identity.peer_id, self.snapshot) if s.metrics_port else None
         self._accuracy: float | None = None
@@ -182,6 +201,8 @@ class Node:
 
     async def _main(self, wall: float, metrics_url: str | None) -> dict[str, Any]:
         async with self.transport:
+            self.exchange = DialPolicy(self.identity.peer_id, self.transport.listen_addrs(),
+                                       allow_dns=self.s.peer_exchange_dns)
             for addr in self.transport.listen_addrs():
                 self.report(f"listening on {addr}")
             if metrics_url is not None:   # after the addresses: the first line is the first address
@@ -228,23 +249,33 @@ class Node:
     async def _rounds(self) -> None:
         while self.peer.round < self.s.rounds:
             self._apply_neighbors()
-            target = max([self.peer.tracker.peer_round(p) for p in self.peer.tracker.neighbors] +
-                         [self.transport.peers[p].round for p in self.peer.tracker.neighbors
-                          if p in self.transport.peers] + [self.peer.round])
-            target = min(target, self.s.rounds - 1)
+            claims = self._round_claims()
+            target = min(agreed_round(claims.values()), self.s.rounds - 1)
             if target > self.peer.round:
-                self.report(f"catching up: round {self.peer.round} -> {target}")
+                agree = sum(r >= target for r in claims.values())
+                self.report(f"catching up: round {self.peer.round} -> {target} "
+                            f"({agree} of {len(claims)} neighbours are there)")
                 self.metrics.write({"kind": "catch_up", "round": target, "from": self.peer.round,
-                                    "peer": self.identity.peer_id})
+                                    "peer": self.identity.peer_id, "agree": agree, "neighbors": len(claims)})
                 self.peer.round = target
             self.transport.round = self.peer.round
             await self.peer.train(1)
             self.transport.round = self.peer.round
             if not self.byzantine:   # an attacker keeps no checkpoint (settings refuse resume with an attack)
-                self._last_snapshot = checkpoint.snapshot(self.peer.trainer, round=self.peer.round,
-                                                          peer_id=self.identity.peer_id, schema=self.schema)
-                await trio.to_thread.run_sync(checkpoint.write, self.out, self._last_snapshot)
+                try:
+                    self._last_snapshot = checkpoint.snapshot(self.peer.trainer, round=self.peer.round,
+                                                              peer_id=self.identity.peer_id, schema=self.schema)
+                except LocalProtocolError as e:   # (the peer discards a NaN update; this is the last guard)
+                    self.report(f"round {self.peer.round}: not checkpointed: {e}; the previous checkpoint stays")
+                else:
+                    await trio.to_thread.run_sync(checkpoint.write, self.out, self._last_snapshot)
             self.report(self._round_line)   # progress, once the round is durable
+
+    def _round_claims(self) -> dict[str, int]:
+        """Each neighbour's round: the later of its last accepted frame's and its last hello's claim."""
+        hellos = self.transport.peers
+        return {p: max(self.peer.tracker.peer_round(p), hellos[p].round if p in hellos else -1)
+                for p in self.peer.tracker.neighbors}
 
     def _on_round(self, event: dict[str, Any]) -> None:
         event = {**event, "neighbors": len(self.peer.tracker.neighbors)}
@@ -256,16 +287,25 @@ class Node:
         self.metrics.flush()
         for p in self.peer.tracker.neighbors:
             self.misses[p] = self.misses[p] + 1 if p in event["missing"] else 0
+            if self.misses[p] >= SUSPECT_AFTER and p not in self.benched:
+                self.offences[p] += 1
+                rounds = min(2 ** self.offences[p], MAX_BENCH_ROUNDS)
+                self.benched[p] = event["round"] + 1 + rounds
+                log.info("neighbour %s missed %d rounds in a row: set aside for %d rounds", p, self.misses[p], rounds)
         acc = f", accuracy {event['accuracy']:.3f}" if "accuracy" in event else ""
         self._round_line = f"round {event['round'] + 1}/{self.s.rounds} done: {event['received']} received{acc}"
 
     def _active(self) -> set[str]:
-        return {p for p in self.links if p in self.transport.peers and self.misses[p] < SUSPECT_AFTER}
+        return {p for p in self.links if p in self.transport.peers and p not in self.benched}
 
     def _apply_neighbors(self) -> None:
+        for p, until in list(self.benched.items()):
+            if until <= self.peer.round:   # back on probation: one more missed round sets it aside again
+                del self.benched[p]
+                self.misses[p] = SUSPECT_AFTER - 1
+        for p in [p for p in self.links if p in self.benched and p not in self.explicit]:
+            self.links.discard(p)      # a picked neighbour that went quiet frees its slot for another
         active = self._active()
-        for p in [p for p in self.links - active if self.misses[p] >= SUSPECT_AFTER and p not in self.explicit]:
-            self.links.discard(p)      # a picked neighbour that went quiet is replaced; it may come back
         if active != set(self.peer.tracker.neighbors):
             log.info("neighbours: %s", sorted(active))
             self.peer.set_neighbors({p: self._weight(p) for p in sorted(active)})
@@ -280,15 +320,13 @@ class Node:
 
     # -- membership ---------------------------------------------------------------------------------
     def _on_hello(self, peer: str, hello: Hello) -> None:
-        self.misses[peer] = 0          # it is alive (again)
+        # A hello proves nothing about a neighbour's frames (a silent liar can say hello every second,
+        # and our own re-hellos get replies): only a delivered frame clears its missed rounds.
         if self._nursery is None:
             return
-        for addr in hello.peers:
-            other = _peer_of(addr)
-            if other == self.identity.peer_id or other in self.transport.peers or other in self.dialing:
-                continue
-            if self.explicit and other not in self.explicit:
-                continue
+        known = self.dialing | set(self.transport.peers)
+        addrs = [a for a in hello.peers if not self.explicit or _peer_of(a) in self.explicit]
+        for addr, other in self.exchange.pick(peer, addrs, time.monotonic(), known):
             self.dialing.add(other)
             self._nursery.start_soon(self._dial_once, addr, other)
         if not self.explicit and peer not in self.links and len(self.links) < self.s.degree:
@@ -300,7 +338,8 @@ class Node:
         try:
             await self.transport.connect(addr)
         except (ConnectionError, HelloRefused, ConfigError) as e:
-            log.debug("peer exchange: %s: %s", addr, e)
+            self._throttle.warning(("dial", peer), "peer exchange: cannot reach %s: %s", printable(addr),
+                                   printable(str(e), 200))
         finally:
             self.dialing.discard(peer)
 
@@ -359,8 +398,7 @@ class Node:
         def rank(p: str) -> bytes:
             pair = "|".join(sorted((me, p)))
             return hashlib.blake2b(f"{self.s.seed}|{pair}".encode(), digest_size=8).digest()
-        return sorted((p for p in self.transport.peers if p not in self.links and self.misses[p] < SUSPECT_AFTER),
-                      key=rank)
+        return sorted((p for p in self.transport.peers if p not in self.links and p not in self.benched), key=rank)
 
     async def _ask_link(self, peer: str) -> None:
         if peer in self.links or len(self.links) >= self.s.degree:
@@ -377,10 +415,12 @@ class Node:
 
     async def _on_control(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
         if msg["t"] == "link":
-            ok = not self.explicit and (peer in self.links or len(self.links) < self.s.degree + 2)
+            # a set-aside peer cannot take a slot back before its time is up: identities that send
+            # nothing cannot hold all our slots against peers that do
+            ok = not self.explicit and peer not in self.benched and \
+                (peer in self.links or len(self.links) < self.s.degree + 2)
             if ok:
                 self.links.add(peer)
-                self.misses[peer] = 0
                 if self.peer.tracker.current[0] < 0:
                     self._apply_neighbors()
             return {"t": "link", "ok": ok}

@@ -32,7 +32,9 @@ import trio.testing
 from torch import nn
 
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
+from p2pfl.gossip import payloads
 from p2pfl.gossip.codec import Frame
+from p2pfl.gossip.payloads import DEFAULT_MAX_ABS, PayloadSpec
 from p2pfl.gossip.rounds import StepTracker
 from p2pfl.learn.models import FlatParameters, ParamLayout
 from p2pfl.learn.train import LocalTrainer, TrainConfig, evaluate
@@ -55,6 +57,8 @@ class PeerConfig:
     max_ahead_rounds: int = 2          # frames further ahead are refused (bounded buffering)
     eval_every: int = 1                # evaluate on the test set every k rounds (and at the last)
     seed: int = 0                      # this peer's mini-batch order
+    # a received value beyond this is refused (out_of_range): finite 3e38s overflow any weighted sum
+    max_abs_weight: float | None = DEFAULT_MAX_ABS
     # False where neighbours join and leave at run time (a real peer): the caller checks the rule once
     # against the planned degree, and a step with too few inputs keeps the own vector
     check_degree: bool = True
@@ -97,6 +101,9 @@ class Peer:
         self.trainer = LocalTrainer(model, *train_data, self.config.train, gen)
         self._bucket_generator = torch.Generator().manual_seed(self.config.seed + 1)
         self.vector = self.flat.get()       # x_i: the shared parameters after the last round
+        # what a neighbour's frame must carry; the transport refuses anything else before we see it
+        self.payloads = {"model": PayloadSpec("f32", self.layout.size, self.config.max_abs_weight)}
+        transport.expect(self.payloads)
         self.tracker: StepTracker[torch.Tensor] = StepTracker(
             [], steps_per_round=self.config.gossip_steps, max_ahead_rounds=self.config.max_ahead_rounds)
         self.set_neighbors(neighbors)
@@ -168,6 +175,8 @@ class Peer:
             stats = await self._compute(self.trainer.train_round, t)
             await trio.lowlevel.checkpoint()
             x = self.flat.get()
+            if not bool(torch.isfinite(x).all()):
+                x = self._discard_update(t)
             step_events = []
             for q in range(self.config.gossip_steps):
                 x, info = await self._gossip_step(t, q, x)
@@ -219,6 +228,15 @@ class Peer:
             x, info["neighbor_distance"] = await self._compute(self._aggregate, x, received)
         return x, info
 
+    def _discard_update(self, t: int) -> torch.Tensor:
+        """Local training diverged (NaN/Inf): never send or keep that model. Go back to x_i of the
+        last round and drop the optimizer's state (its momentum holds the same NaNs)."""
+        self.rejected["non_finite_update"] += 1
+        log.warning("%s: round %d: local training produced NaN/Inf; keeping the previous model", self.id, t)
+        self.flat.set(self.vector)
+        self.trainer.optimizer.state.clear()
+        return self.flat.get()
+
     def rejections(self) -> dict[str, int]:
         """Everything refused so far, by reason: the transport's and ours. Safe from another thread
         (a metrics scrape): each live counter is copied with dict(), one step under the GIL."""
@@ -240,7 +258,17 @@ class Peer:
 
     def _aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """(x <- rule(own, received), squared distance of own to the neighbours' mean: a real peer's
-        view of consensus)."""
+        view of consensus). A result with NaN/Inf (finite inputs can still overflow a sum) is never
+        adopted: the step keeps the own vector and counts `non_finite_aggregate`."""
+        x, distance = self._combine(own, received)
+        if x is not own and not bool(torch.isfinite(x).all()):
+            self.rejected["non_finite_aggregate"] += 1
+            log.warning("%s: round %d: the aggregate is not finite; keeping own vector", self.id,
+                        self.tracker.current[0])
+            return own, distance
+        return x, distance
+
+    def _combine(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         cfg = self.config
         if cfg.aggregator == "mixing":
             # x_i <- W_ii x_i + sum_j W_ij x_j, accumulated in place (cheaper than stacking for the
@@ -267,10 +295,16 @@ class Peer:
             return own, distance
 
     async def _receive_loop(self) -> None:
+        model = self.payloads["model"]
         async for sender, frame in self.transport.receive():
             try:
                 if frame.schema != self.schema:
                     raise RemoteProtocolError(Reject.WRONG_SCHEMA, "", sender)
+                # the transport checked the payload against our specs; a transport of the application's
+                # own may not have: the O(1) part is checked again, as nothing past here may see a
+                # vector of another shape
+                if (frame.kind, frame.dtype, frame.payload.size) != ("model", model.dtype, model.count):
+                    payloads.check(frame.kind, frame.dtype, frame.payload, self.payloads, sender)
                 self.tracker.receive(sender, frame.round, frame.step, frame.tensor())
             except RemoteProtocolError as e:
                 self.rejected[e.reason.value] += 1

@@ -35,8 +35,10 @@ class PeerSettings:
     start_timeout: float = 60.0         # start round 0 after this long even without min_neighbors
     rounds: int = 30
     resume: str | None = None           # a folder holding checkpoint.pt
+    fresh: bool = False                 # start over even if `out` holds a checkpoint (else refused)
     network_key: str | None = None      # file with a 64-hex-char pre-shared key (libp2p pnet)
     allow: str | None = None            # file: one allowed peer ID a line
+    peer_exchange_dns: bool = False     # dial /dns*/ addresses other peers pass on (bootstrap may always be DNS)
     device: str = "auto"
     threads: int = 0                    # torch intra-op threads; 0 = torch's default
     delay_ms: float = 0.0               # injected delay before each outbound frame (fault injection)
@@ -94,6 +96,8 @@ class PeerSettings:
             raise ConfigError(f"metrics_port: must be 0..65535 (0: off), got {self.metrics_port}")
         if not self.metrics_host.strip():
             raise ConfigError("metrics_host: empty; give an address to bind, e.g. 127.0.0.1")
+        if self.fresh and self.resume:
+            raise ConfigError("fresh: given with resume; either continue a checkpoint or start over, not both")
         self.train_config()
         self.check_attack()
 
@@ -129,6 +133,23 @@ class PeerSettings:
                            weight_decay=self.weight_decay, batch_size=self.batch_size,
                            local_epochs=self.local_epochs, local_steps=self.local_steps,
                            rho=preset["rho"] if self.rho is None else self.rho)
+
+    def network_psk(self) -> str | None:
+        """The pre-shared key in the `network_key` file (None: no private network): its first line that
+        is neither blank nor a `#` comment. ConfigError naming the file if it is unreadable or holds none."""
+        if self.network_key is None:
+            return None
+        try:
+            text = Path(self.network_key).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"network_key: {self.network_key}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"network_key: {self.network_key}: not text; expected 64 hex characters") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        if not lines:
+            raise ConfigError(f"network_key: {self.network_key} holds no key; expected 64 hex characters "
+                              "(a 32-byte pre-shared key)")
+        return lines[0]
 
     def protocol_settings(self) -> dict[str, Any]:
         """What every peer of one federation must agree on (hashed into the hello's config digest)."""

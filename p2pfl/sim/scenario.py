@@ -29,6 +29,7 @@ from p2pfl.sim.procs import FAULT_KEYS, check_faults, fault_entries
 
 DATASETS = ("digits", "mnist1d", "synthetic", "npz:PATH")
 ENGINES = ("inproc", "procs")   # one process (memory transport, virtual time); real peer processes
+MAX_PEERS = 10_000              # config checks build the n x n overlay (100 MB here); far more would exhaust memory
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,10 @@ class Scenario:
     delay: tuple[dict[str, Any], ...] = ()     # delay = {peer = 2, ms = 200} (or a list of such tables)
 
     def __post_init__(self) -> None:
-        if self.peers < 2:
-            raise ConfigError(f"peers: must be >= 2, got {self.peers}")
+        if not 2 <= self.peers <= MAX_PEERS:
+            raise ConfigError(f"peers: must be in [2, {MAX_PEERS}], got {self.peers}")
+        if self.seed < 0:   # numpy's generators take no negative seed
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if self.rounds < 1:
             raise ConfigError(f"rounds: must be >= 1, got {self.rounds}")
         parse_topology(self.topology)

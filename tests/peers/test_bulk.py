@@ -265,7 +265,7 @@ def test_a_receive_buffer_is_reused_only_once_no_view_of_its_payload_is_left():
     import gc
 
     from p2pfl.peers.libp2p.transport import _BufferPool
-    pool = _BufferPool(keep=4)
+    pool = _BufferPool(keep=4, max_bytes=1 << 20)
     prefix = _frame_bytes(ident(1), n=1000)
     buf = codec.frame_buffer(prefix[:8], max_frame_bytes=1 << 20, alloc=pool.take)
     buf[8:] = prefix[8:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pfl.errors import ConfigError
+from p2pfl.peers import metrics as metrics_module
 from p2pfl.peers.metrics import PeerMetrics, Snapshot
 from p2pfl.peers.settings import load
 
@@ -125,3 +127,75 @@ def test_peer_cli_reports_a_metrics_port_in_use_in_one_line(tmp_path):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.strip() == f"error: metrics_port: 127.0.0.1:{port} is already in use (pick another; 0: off)"
     assert "listening on" not in r.stdout       # stopped before it joined anyone
+
+
+# -- the HTTP server is bounded: idle or slow clients hold no thread ----------------------------------
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed `sock` (blocks up to the socket's timeout for it to happen)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_many_idle_and_half_sent_connections_hold_no_threads_and_a_scrape_still_answers():
+    metrics = PeerMetrics(PEER, lambda: Snapshot(rounds_done=3))
+    url = metrics.serve("127.0.0.1", 0)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    before = threading.active_count()
+    lingering = [_connect(port) for _ in range(50)]
+    try:
+        for sock in lingering[:10]:   # slowloris: a request head that never ends
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        # accepted in order: once this scrape is answered, the server has accepted all 50
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert value(samples(r.read()), "p2pfl_rounds_done") == 3
+        assert threading.active_count() - before <= metrics_module.WORKERS
+    finally:
+        for sock in lingering:
+            sock.close()
+        metrics.close()
+
+
+def test_the_longest_idle_connection_makes_room_and_idle_ones_time_out(monkeypatch):
+    monkeypatch.setattr(metrics_module, "MAX_CONNECTIONS", 4)
+    metrics = PeerMetrics(PEER, lambda: Snapshot(rounds_done=5))
+    url = metrics.serve("127.0.0.1", 0)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    held = [_connect(port) for _ in range(4)]
+    try:
+        newest = _connect(port)
+        held.append(newest)
+        assert _closed_by_server(held[0])                 # the longest idle one went for the newcomer
+        with urllib.request.urlopen(url, timeout=10) as r:   # and the scrape gets in the same way
+            assert value(samples(r.read()), "p2pfl_rounds_done") == 5
+        monkeypatch.setattr(metrics_module, "IDLE_TIMEOUT_S", 0.0)
+        late = _connect(port)                             # accepted with no time to send its head
+        held.append(late)
+        assert _closed_by_server(late)
+    finally:
+        for sock in held:
+            sock.close()
+        metrics.close()
+
+
+def test_an_oversized_request_head_is_closed_unanswered():
+    metrics = PeerMetrics(PEER, Snapshot)
+    url = metrics.serve("127.0.0.1", 0)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        with _connect(port) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\nX-Pad: " + b"a" * metrics_module.MAX_HEAD)
+            assert _closed_by_server(sock)
+        with _connect(port) as sock:   # a plain HTTP/1.0 request (what curl -0 sends) is answered and closed
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.0 200") and b"p2pfl_rounds_done" in reply
+    finally:
+        metrics.close()

@@ -7,12 +7,16 @@ nothing sleeps; every wait is on a condition (`wait_until`), bounded by fail_aft
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pfl.gossip.identity import Identity
+from p2pfl.gossip.rounds import agreed_round
 from p2pfl.peers.libp2p import Libp2pTransport
 from p2pfl.peers.node import Node
 from p2pfl.peers.settings import PeerSettings
@@ -102,3 +106,82 @@ def test_snapshot_reads_the_node_and_transport_state(tmp_path):
     assert (snap.bytes_sent, snap.frames_received, snap.send_failures) == (123, 4, 1)
     assert snap.rejected == {"stale": 3, "too_few_inputs": 1}
     node.metrics.close()
+
+
+# -- what a liar can no longer do to a node (hardening) ----------------------------------------------
+
+def _accepted(node: Node, *peers: str, round_: int = 0) -> None:
+    """Make `peers` accepted (as after a hello) and the node's current links."""
+    for p in peers:
+        node.transport.peers[p] = replace(node.transport.hello_template, round=round_)
+        node.links.add(p)
+    node._apply_neighbors()
+
+
+def _round(node: Node, t: int, missing: list[str]) -> None:
+    node.peer.round = t + 1
+    node._on_round({"kind": "round", "round": t, "received": 0, "missing": missing, "wait_s": 0.0})
+
+
+def test_a_silent_neighbour_is_set_aside_with_backoff_and_a_hello_does_not_clear_it(tmp_path):
+    node = make_node(tmp_path, 0, degree=2)
+    silent, honest = ident(1).peer_id, ident(2).peer_id
+    _accepted(node, silent, honest)
+    for t in range(3):
+        node._on_hello(silent, node.transport.peers[silent])   # our re-hello's reply: no longer a reset
+        _round(node, t, [silent])
+    node._apply_neighbors()
+    assert set(node.peer.tracker.neighbors) == {honest} and silent not in node.links
+    assert node.benched[silent] == 3 + 2                      # first offence: 2 rounds
+    # while set aside it cannot take a link slot back
+    assert trio.run(node._on_control, silent, {"t": "link"}) == {"t": "link", "ok": False}
+    assert silent not in node._candidates()
+    # back after its time, on probation: one more silent round and it is out for twice as long
+    node.peer.round = 5
+    node.links.add(silent)
+    node._apply_neighbors()
+    assert silent in node.peer.tracker.neighbors
+    _round(node, 5, [silent])
+    assert node.benched[silent] == 6 + 4
+
+
+def test_fake_identities_cannot_hold_every_link_slot(tmp_path):
+    """Six silent identities take all degree + 2 slots; after SUSPECT_AFTER rounds they are set aside,
+    their slots are free, and an honest peer that asks gets a link (before: refused for 1,383 rounds)."""
+    node = make_node(tmp_path, 0, degree=4)
+    fakes = [ident(10 + i).peer_id for i in range(6)]
+    for f in fakes:
+        node.transport.peers[f] = node.transport.hello_template
+        assert trio.run(node._on_control, f, {"t": "link"})["ok"]
+    honest = ident(3).peer_id
+    node.transport.peers[honest] = node.transport.hello_template
+    assert not trio.run(node._on_control, honest, {"t": "link"})["ok"]   # all slots held
+    node._apply_neighbors()
+    for t in range(3):
+        _round(node, t, sorted(fakes))
+    node._apply_neighbors()
+    assert trio.run(node._on_control, honest, {"t": "link"})["ok"]
+    assert not any(trio.run(node._on_control, f, {"t": "link"})["ok"] for f in fakes)
+    node._apply_neighbors()
+    assert node.peer.tracker.neighbors == [honest]
+
+
+def test_one_neighbours_round_claim_does_not_move_a_peer(tmp_path):
+    """A linked liar's hello claims round 10**12: with two honest neighbours at round 4, the node
+    stays with them; alone with the liar (it is its only input anyway) it would follow."""
+    node = make_node(tmp_path, 0, degree=3)
+    liar, a, b = ident(1).peer_id, ident(2).peer_id, ident(3).peer_id
+    _accepted(node, a, b, round_=4)
+    _accepted(node, liar, round_=10**12)
+    claims = node._round_claims()
+    assert claims[liar] == 10**12
+    assert agreed_round(claims.values()) == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 10**6), min_size=1, max_size=12), st.integers(0, 10**15))
+def test_a_single_liar_cannot_raise_the_agreed_round(honest, lie):
+    claims = [*honest, lie]
+    assert agreed_round(claims) <= max(honest)
+    assert agreed_round(honest + honest[:1]) >= min(honest)
+    assert agreed_round([7] * len(claims)) == 7

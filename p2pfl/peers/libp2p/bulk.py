@@ -45,7 +45,7 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from p2pfl.errors import Reject, RemoteProtocolError
+from p2pfl.errors import Reject, RemoteProtocolError, field_names
 from p2pfl.gossip.codec import FRAME_PREFIX_BYTES
 from p2pfl.peers.libp2p.host import EndOfStream
 
@@ -78,7 +78,7 @@ class Ticket:
         """The ticket in a reply, or None when the peer has no bulk channel."""
         if set(msg) != {"t", "port", "token", "key"} or msg["t"] != "bulk" or type(msg["port"]) is not int \
                 or not 0 <= msg["port"] <= 65535:
-            raise RemoteProtocolError(Reject.BAD_HEADER, f"bulk reply: malformed {sorted(msg)}", peer)
+            raise RemoteProtocolError(Reject.BAD_HEADER, f"bulk reply: malformed, fields {field_names(msg)}", peer)
         if msg["port"] == 0:
             return None
         if not (isinstance(msg["token"], bytes) and len(msg["token"]) == TOKEN_BYTES

@@ -35,7 +35,7 @@ import math
 import socket
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from functools import partial
@@ -48,14 +48,16 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
+from p2pfl.errors import ConfigError, Reject, RemoteProtocolError, printable
 from p2pfl.gossip import codec
+from p2pfl.gossip import payloads as payload_specs
 from p2pfl.gossip.codec import Frame
 from p2pfl.gossip.identity import Identity
+from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.peers.libp2p import bulk, control
 from p2pfl.peers.libp2p.control import Hello
 from p2pfl.peers.libp2p.host import EndOfStream, make_host, read_exact, widen_receive_window
-from p2pfl.peers.transport import TransportStats
+from p2pfl.peers.transport import LogThrottle, TransportStats
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +79,16 @@ class Libp2pTransport:
     def __init__(self, identity: Identity, hello: Hello, *, listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
                  psk: str | None = None, allow: Collection[str] | None = None,
                  max_frame_bytes: int = 1 << 30, inbox_frames: int = 16, outbox_frames: int = 2,
+                 payloads: Mapping[str, PayloadSpec] | None = None,
                  stall_timeout_s: float = 10.0, write_timeout_s: float = 30.0, dial_timeout_s: float = 10.0,
                  delay_s: float = 0.0, bulk_port: int | None = 0) -> None:
         """`hello`: our side of the hello (its round/peers/addrs are refreshed on every exchange).
         `allow`: peer IDs that may talk to us (None: anyone compatible). `psk`: 64 hex chars of a
         private-network key. `delay_s`: injected latency before every outbound frame (sim faults).
         `bulk_port`: TCP port of our bulk channel on the first listen address's host (0: any free
-        port; None: no bulk channel, we neither offer nor use one)."""
+        port; None: no bulk channel, we neither offer nor use one). `payloads`: what frames may carry
+        (see `expect`); None accepts any kind and size up to `max_frame_bytes` (tests and tools: a Peer
+        always declares its payloads)."""
         if psk is not None and (len(psk) != 64 or any(c not in "0123456789abcdefABCDEF" for c in psk)):
             raise ConfigError("network key: expected 64 hex characters (a 32-byte pre-shared key)")
         self.identity = identity
@@ -92,7 +97,7 @@ class Libp2pTransport:
         self.degree = hello.degree
         self.listen = [multiaddr.Multiaddr(a) for a in listen]
         self.allow = frozenset(allow) if allow is not None else None
-        self.max_frame_bytes, self.stall_timeout_s = max_frame_bytes, stall_timeout_s
+        self.frame_limit, self.max_frame_bytes, self.stall_timeout_s = max_frame_bytes, max_frame_bytes, stall_timeout_s
         self.write_timeout_s, self.dial_timeout_s, self.delay_s = write_timeout_s, dial_timeout_s, delay_s
         self.outbox_frames = outbox_frames
         if bulk_port is not None and not 0 <= bulk_port <= 65535:
@@ -116,7 +121,19 @@ class Libp2pTransport:
         self._closed = False
         self._activity = trio.Event()
         self._pending = 0                      # frames queued or being written
-        self._buffers = _BufferPool(keep=inbox_frames)
+        self._throttle = LogThrottle(log)
+        self._buffers = _BufferPool(keep=inbox_frames, max_bytes=inbox_frames * max_frame_bytes)
+        self.payloads: Mapping[str, PayloadSpec] | None = None
+        if payloads is not None:
+            self.expect(payloads)
+
+    def expect(self, payloads: Mapping[str, PayloadSpec]) -> None:
+        """Accept only these payloads; the frame limit becomes the largest frame they can make (at
+        most the configured `max_frame_bytes`), so a bigger frame is refused from its length prefix,
+        and the receive-buffer pool keeps at most `inbox_frames` frames of that size."""
+        self.payloads = dict(payloads)
+        self.max_frame_bytes = min(self.frame_limit, payload_specs.max_frame_bytes(payloads))
+        self._buffers.max_bytes = self._buffers.keep * self.max_frame_bytes
 
     async def flush(self) -> None:
         """Wait until every queued frame was written or failed (bound it with a timeout)."""
@@ -125,6 +142,9 @@ class Libp2pTransport:
     def _notify(self) -> None:
         self._activity.set()
         self._activity = trio.Event()
+
+    def _warn(self, peer: str, what: str, msg: str, *args: Any) -> None:
+        self._throttle.warning((peer, what), msg, *args)
 
     def _reject(self, reason: Reject) -> None:
         self.stats.reject(reason)
@@ -220,19 +240,22 @@ class Libp2pTransport:
         ours = self.local_hello(exclude=peer)
         try:
             reply = await self.request(peer, ours.to_wire())
-            theirs = Hello.from_wire(reply, peer)
+            refused = control.refusal_reason(reply, peer)
+            theirs = Hello.from_wire(reply, peer) if refused is None else None
         except RemoteProtocolError as e:
             self._reject(e.reason)
             raise HelloRefused(f"{peer}: bad hello reply: {e}") from None
-        problem = control.incompatibility(ours, theirs) or theirs.refused   # named from our side
+        if theirs is None or theirs.refused is not None:   # (a hello with `refused` set: an older peer's refusal)
+            problem, who = refused or printable(theirs.refused if theirs else ""), "refused us"
+        else:
+            problem, who = control.incompatibility(ours, theirs), "was refused"   # named from our side
         if problem is None and self.allow is not None and peer not in self.allow:
             self._reject(Reject.NOT_ALLOWED)
             problem = "not on our allowlist"
         if problem is not None:
             self.peers.pop(peer, None)
             self.refusals[peer] = problem
-            who = "refused us" if theirs.refused else "was refused"
-            log.warning("%s: hello with %s failed (%s): %s", self.local_id, peer, who, problem)
+            self._warn(peer, "hello", "%s: hello with %s failed (%s): %s", self.local_id, peer, who, problem)
             raise HelloRefused(f"peer {peer} {who}: {problem}")
         self._accept(peer, theirs)
         return theirs
@@ -291,7 +314,8 @@ class Libp2pTransport:
             log.info("%s: control stream from %s ended: %s", self.local_id, peer, e)
             await stream.reset()
         except (Exception, trio.TooSlowError) as e:
-            log.warning("%s: control stream from %s failed: %r", self.local_id, peer, e)
+            self._warn(peer, "control", "%s: control stream from %s failed: %s", self.local_id, peer,
+                       printable(_reason(e), 200))
             await stream.reset()
         if peer in self.refusals and self.allow is not None and peer not in self.allow and self._nursery:
             self._nursery.start_soon(self._disconnect, peer)
@@ -303,13 +327,15 @@ class Libp2pTransport:
             if self.allow is not None and peer not in self.allow:
                 self._reject(Reject.NOT_ALLOWED)
                 problem: str | None = "not on the allowlist"
+                reason = problem
             else:
                 problem = control.incompatibility(ours, theirs)
+                reason = control.incompatibility(theirs, ours)   # the same difference, in the other side's words
             if problem is not None:
                 self.peers.pop(peer, None)
                 self.refusals[peer] = problem
-                log.warning("%s: refused hello from %s: %s", self.local_id, peer, problem)
-                return replace(ours, refused=problem).to_wire()
+                self._warn(peer, "refused", "%s: refused hello from %s: %s", self.local_id, peer, problem)
+                return control.refusal(reason or problem)
             remote = stream.get_remote_address()   # a peer listening on 0.0.0.0 is reachable where it came from
             if remote:
                 theirs = replace(theirs, addrs=tuple(a.replace("/ip4/0.0.0.0/", f"/ip4/{remote[0]}/")
@@ -412,7 +438,7 @@ class Libp2pTransport:
                         return await bulk.BulkSender.open(host, ticket, write_timeout_s=self.write_timeout_s)
             except RemoteProtocolError as e:
                 self._reject(e.reason)
-                log.warning("%s: bulk ticket from %s refused: %s", self.local_id, peer, e)
+                self._warn(peer, "ticket", "%s: bulk ticket from %s refused: %s", self.local_id, peer, e)
             except (ConnectionError, OSError, trio.TooSlowError) as e:
                 # a firewall that drops the dial would cost dial_timeout_s on every reconnect: wait a while
                 self._bulk_unreachable[peer] = trio.current_time() + BULK_RETRY_S
@@ -437,7 +463,7 @@ class Libp2pTransport:
         peer = str(stream.muxed_conn.peer_id)
         if peer not in self.peers:
             self._reject(Reject.NOT_ALLOWED)
-            log.warning("%s: model stream from %s before an accepted hello: reset", self.local_id, peer)
+            self._warn(peer, "early", "%s: model stream from %s before an accepted hello: reset", self.local_id, peer)
             await stream.reset()
             return
         await widen_receive_window(stream)
@@ -461,7 +487,8 @@ class Libp2pTransport:
                 if opening[:len(bulk.MAGIC)] == bulk.MAGIC else None
             if entry is None or entry[0] not in self.peers:
                 self._reject(Reject.NOT_ALLOWED)
-                log.warning("%s: bulk connection from %s without a valid ticket: closed", self.local_id, where)
+                self._warn(str(where[0] if isinstance(where, tuple) else where), "ticket", "%s: bulk connection from %s without a valid ticket: closed",
+                           self.local_id, where)
                 return
             peer, key = entry
             self._bulk_issued.pop(peer, None)
@@ -489,21 +516,20 @@ class Libp2pTransport:
                 except _StreamDone as e:
                     if e.reason is not None:
                         self._reject(e.reason)
-                        log.warning("%s: model frames from %s: connection dropped: %s", self.local_id, peer,
-                                    e.reason.value)
+                        self._warn(peer, e.reason.value, "%s: model frames from %s: connection dropped: %s",
+                                   self.local_id, peer, e.reason.value)
                 except trio.BrokenResourceError:   # the inbox closed: we are shutting down
                     pass
 
     async def _check_frames(self, raw: trio.MemoryReceiveChannel[memoryview], peer: str) -> None:
         async with raw:
             async for buf in raw:
-                dec = partial(codec.decode, buf, schema=self.hello_template.schema,
-                              max_frame_bytes=self.max_frame_bytes, peer=peer)
+                dec = partial(self._decode, buf, peer)
                 try:
                     frame = await trio.to_thread.run_sync(dec) if buf.nbytes > _OFFLOAD_BYTES else dec()
                 except RemoteProtocolError as e:
                     self._reject(e.reason)
-                    log.warning("%s: %s", self.local_id, e)
+                    self._warn(peer, e.reason.value, "%s: %s", self.local_id, e)
                     continue
                 self.stats.frames_received += 1
                 self._buffers.give_back_after(frame.payload, buf.obj)
@@ -514,6 +540,12 @@ class Libp2pTransport:
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     return
                 self._notify()
+
+    def _decode(self, buf: memoryview, peer: str) -> Frame:
+        frame = codec.decode(buf, schema=self.hello_template.schema, max_frame_bytes=self.max_frame_bytes, peer=peer)
+        if self.payloads is not None:
+            payload_specs.check(frame.kind, frame.dtype, frame.payload, self.payloads, peer)
+        return frame
 
     async def _read_frame(self, read: Callable[[memoryview, float | None], Awaitable[None]],
                           peer: str) -> memoryview:
@@ -555,12 +587,18 @@ class _BufferPool:
     itself; a peer receives same-size frames every round, so it keeps up to `keep` buffers.
     A payload is `np.frombuffer` of a memoryview into the buffer, and every view derived from the
     payload keeps that memoryview alive, so its finalizer runs only when nothing can read the
-    buffer any more."""
+    buffer any more. The pool holds at most `keep` buffers and `max_bytes` in all (`keep` frames of
+    the largest accepted size), so frames that are refused or dropped cannot pile up in it."""
 
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
+    def __init__(self, keep: int, max_bytes: int) -> None:
+        self.keep, self.max_bytes = keep, max_bytes
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()   # finalizers run in whichever thread drops the last view
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(raw.nbytes for raw in self._free)
 
     def take(self, nbytes: int) -> np.ndarray:
         with self._lock:
@@ -576,9 +614,12 @@ class _BufferPool:
 
     def _give(self, raw: np.ndarray) -> None:
         with self._lock:
-            if len(self._free) >= self.keep:
-                self._free.pop(0)
+            if raw.nbytes > self.max_bytes:   # bigger than the limit allows now (it was lowered): drop it
+                return
             self._free.append(raw)
+            held = sum(b.nbytes for b in self._free)
+            while len(self._free) > self.keep or held > self.max_bytes:   # oldest first
+                held -= self._free.pop(0).nbytes
 
 
 class _StreamSender:

@@ -1,0 +1,100 @@
+"""Payload specs: what a frame of each kind must carry, checked where frames enter a peer.
+
+Theory of operation: a peer declares, per payload kind, the wire dtype and the exact element count
+it accepts (a model of d shared parameters: kind "model", f32, d values), and a bound on the
+magnitude of every element. The transport checks each decoded frame against these specs before the
+frame reaches the round loop (`check`), so an aggregator only ever sees vectors of the right shape
+and range, and it derives its frame-size limit from the largest spec (`max_frame_bytes`), so a frame
+too big for any declared payload is refused from its 4-byte length prefix, before its body is read.
+
+Why a magnitude bound: finite values near the float32 maximum (3e38) pass the NaN/Inf check, but a
+weighted sum of a few of them overflows, and a model that holds them trains to NaN. No trained model
+has weights near 1e6, so refusing larger values costs an honest peer nothing. The check rides on the
+finiteness test's own cheap pass: ``dot(a, a) <= (max_abs / 2)**2`` proves every |a_i| <= max_abs (with room for
+float32 rounding in the dot), and only a frame that fails it pays for the exact element-wise scan.
+
+Sans-IO: plain values in, a `RemoteProtocolError` with a counted `Reject` reason out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
+from p2pfl.gossip import codec
+
+DEFAULT_MAX_ABS: Final = 1e6
+_CHUNK: Final = 1 << 16   # elements per step of the exact magnitude scan (stays in cache)
+_ITEMSIZE: Final = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """One payload kind: wire dtype, exact element count, largest |value| (None: no bound)."""
+
+    dtype: str
+    count: int
+    max_abs: float | None = DEFAULT_MAX_ABS
+
+    def __post_init__(self) -> None:
+        if self.dtype not in codec.DTYPES:
+            raise ConfigError(f"payload dtype: expected one of {codec.DTYPES}, got {self.dtype!r}")
+        if type(self.count) is not int or self.count < 0:
+            raise ConfigError(f"payload count: expected an int >= 0, got {self.count!r}")
+        if self.max_abs is not None and not (math.isfinite(self.max_abs) and self.max_abs > 0):
+            raise ConfigError(f"payload max_abs: expected a finite value > 0 or None, got {self.max_abs!r}")
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * _ITEMSIZE[self.dtype]
+
+
+def max_frame_bytes(specs: Mapping[str, PayloadSpec]) -> int:
+    """The largest frame (length prefix included) any declared payload can make: the transport's limit."""
+    if not specs:
+        raise ConfigError("a peer must accept at least one payload kind")
+    # A real header is ~250 bytes, but its size varies with the peer ID and the ints' encodings: allow
+    # the codec's header limit so that no valid frame is ever refused as oversize.
+    return codec.FRAME_PREFIX_BYTES + codec.MAX_HEADER_BYTES + max(s.nbytes for s in specs.values())
+
+
+def check(kind: str, dtype: str, payload: np.ndarray, specs: Mapping[str, PayloadSpec], peer: str | None) -> None:
+    """Refuse a payload that does not match its kind's spec: UNKNOWN_KIND, WRONG_DTYPE, WRONG_SIZE or
+    OUT_OF_RANGE. `payload` is the decoded (finite) 1-D array of the frame."""
+    spec = specs.get(kind)
+    if spec is None:
+        raise RemoteProtocolError(Reject.UNKNOWN_KIND, f"kind {kind[:64]!r} is not one we accept", peer)
+    if dtype != spec.dtype:
+        raise RemoteProtocolError(Reject.WRONG_DTYPE, f"{kind}: dtype {dtype}, expected {spec.dtype}", peer)
+    if payload.ndim != 1 or payload.size != spec.count:
+        raise RemoteProtocolError(Reject.WRONG_SIZE, f"{kind}: {payload.size} values, expected {spec.count}", peer)
+    if spec.max_abs is not None and not within(payload, dtype, spec.max_abs):
+        raise RemoteProtocolError(Reject.OUT_OF_RANGE, f"{kind}: a value exceeds |x| <= {spec.max_abs:g}", peer)
+
+
+def within(payload: np.ndarray, dtype: str, max_abs: float) -> bool:
+    """Every element of a finite payload has |x| <= max_abs."""
+    if payload.size == 0:
+        return True
+    if dtype == "bf16":   # raw bits: widen to float32 by shifting into the high half
+        wide = np.empty(min(_CHUNK, payload.size), dtype=np.uint32)
+        for start in range(0, payload.size, _CHUNK):
+            chunk = payload[start:start + _CHUNK]
+            out = wide[:chunk.size]
+            np.left_shift(chunk.astype(np.uint32), 16, out=out)
+            if float(np.abs(out.view(np.float32)).max()) > max_abs:
+                return False
+        return True
+    with np.errstate(all="ignore"):   # an overflowing dot is an answer (scan exactly), not a warning
+        norm2 = float(np.dot(payload, payload)) if dtype == "f32" else math.inf
+    if norm2 <= 0.25 * max_abs * max_abs:   # half the bound: float32 rounding in the dot cannot matter
+        return True
+    for start in range(0, payload.size, _CHUNK):
+        if float(np.abs(payload[start:start + _CHUNK]).max()) > max_abs:
+            return False
+    return True

@@ -1,0 +1,252 @@
+"""Payloads checked at the door: a frame of the wrong kind, dtype, size or range is refused by the
+transport with a counted reason, and nothing a frame can carry stops an honest peer's rounds.
+Memory transport under MockClock; libp2p over real loopback TCP, every wait bounded."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import numpy as np
+import pytest
+import torch
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_libp2p import LIMIT_S, SCHEMA, ident, started, transport
+from test_peer import make_peers
+
+from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
+from p2pfl.gossip import codec, payloads
+from p2pfl.gossip.codec import Frame
+from p2pfl.gossip.payloads import PayloadSpec
+from p2pfl.learn.models import flatten
+from p2pfl.learn.train import TrainConfig
+from p2pfl.peers.memory import MemoryNetwork
+from p2pfl.peers.peer import PeerConfig
+
+SPEC = {"model": PayloadSpec("f32", 100)}
+
+
+def _bf16(values: np.ndarray) -> np.ndarray:
+    return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+# (what the liar sends, the reason the receiver counts)
+MISMATCHES = {
+    "shorter": (("model", np.ones(99, np.float32)), Reject.WRONG_SIZE),
+    "longer": (("model", np.ones(101, np.float32)), Reject.WRONG_SIZE),
+    "empty": (("model", np.ones(0, np.float32)), Reject.WRONG_SIZE),
+    "f16": (("model", np.ones(100, np.float16)), Reject.WRONG_DTYPE),
+    "bf16": (("model", _bf16(np.ones(100))), Reject.WRONG_DTYPE),
+    "unknown_kind": (("scores", np.ones(100, np.float32)), Reject.UNKNOWN_KIND),
+    "huge_finite": (("model", np.full(100, 3e38, np.float32)), Reject.OUT_OF_RANGE),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_check_names_each_mismatch(case):
+    (kind, arr), reason = MISMATCHES[case]
+    dtype = "bf16" if arr.dtype == np.uint16 else {np.float32: "f32", np.float16: "f16"}[arr.dtype.type]
+    with pytest.raises(RemoteProtocolError) as e:
+        payloads.check(kind, dtype, arr, SPEC, "liar")
+    assert e.value.reason is reason and e.value.peer == "liar"
+    payloads.check("model", "f32", np.ones(100, np.float32), SPEC, "liar")   # the matching one passes
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-1e7, 1e7, width=32), min_size=1, max_size=300),
+       st.floats(1e-3, 1e7), st.sampled_from(["f32", "f16", "bf16"]))
+def test_within_agrees_with_an_exact_scan(values, bound, dtype):
+    arr = np.array(values, dtype=np.float32)
+    if dtype == "f16":
+        with np.errstate(over="ignore"):
+            arr = arr.astype(np.float16)
+        arr = arr[np.isfinite(arr)]
+        wire = arr
+    elif dtype == "bf16":
+        wire = _bf16(arr)
+        arr = (wire.astype(np.uint32) << 16).view(np.float32)
+    else:
+        wire = arr
+    exact = bool(np.all(np.abs(arr.astype(np.float64)) <= bound))
+    assert payloads.within(wire, dtype, bound) == exact
+
+
+def test_the_frame_limit_follows_the_largest_payload():
+    limit = payloads.max_frame_bytes({"model": PayloadSpec("f32", 4810), "ranks": PayloadSpec("f16", 10)})
+    frame = b"".join(codec.encode(ident(0), kind="model", round=10**12, step=7, schema=SCHEMA,
+                                  payload=np.ones(4810, np.float32)))
+    assert len(frame) <= limit < len(frame) + 2 * codec.MAX_HEADER_BYTES
+    with pytest.raises(ConfigError):
+        PayloadSpec("f64", 3)
+    with pytest.raises(ConfigError):
+        PayloadSpec("f32", 3, max_abs=float("nan"))
+
+
+def _send_raw(liar, target, kind: str, arr: np.ndarray) -> None:
+    """A validly signed frame with the federation's schema, straight into `target`'s inbox."""
+    data = b"".join(codec.encode(liar.transport.identity, kind=kind, round=0, step=0, schema=liar.schema,
+                                 payload=arr))
+    target.transport._send.send_nowait((0.0, liar.id, data))
+
+
+@pytest.mark.parametrize("wire", [True, False])
+def test_mismatched_frames_never_reach_the_round_over_memory(wire):
+    """Every mismatch from a neighbour: refused and counted by the transport; both honest peers run
+    their rounds with finite models (before the check, the wrong-length frame killed them)."""
+    network = MemoryNetwork(wire=wire)
+    peers = make_peers(3, network)
+    liar, honest = peers[2], peers[:2]
+    d = honest[0].layout.size
+    cases = {
+        Reject.WRONG_SIZE: [("model", np.ones(10, np.float32)), ("model", np.ones(d + 1, np.float32))],
+        Reject.WRONG_DTYPE: [("model", np.ones(d, np.float16))],
+        Reject.UNKNOWN_KIND: [("ranks", np.ones(d, np.float32))],
+        Reject.OUT_OF_RANGE: [("model", np.full(d, 3e38, np.float32))],
+    }
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for p in honest:
+                nursery.start_soon(run_one, p)
+            for p in honest:
+                for kind, arr in [c for cs in cases.values() for c in cs]:
+                    if wire:
+                        _send_raw(liar, p, kind, arr)
+                    else:
+                        dtype = "f16" if arr.dtype == np.float16 else "f32"
+                        await liar.transport.send(p.id, Frame(kind, liar.id, 0, 0, liar.schema, dtype, arr))
+
+    async def run_one(p):
+        async with p:
+            await p.train(2)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    for p in honest:
+        assert p.round == 2
+        assert {r.value: len(cs) for r, cs in cases.items()} == dict(p.transport.stats.rejected)
+        assert torch.isfinite(flatten(p.model)).all()
+
+
+@pytest.mark.parametrize("rule", ["median", "geometric_median", "trimmed_mean"])
+def test_finite_values_that_overflow_a_rule_are_never_adopted(rule):
+    """With the range check off, five 3e38 frames overflow the rule's arithmetic (inf or NaN): the step
+    keeps the own vector and counts it, so the model stays finite."""
+    config = PeerConfig(train=TrainConfig(lr=0.1, local_steps=2, batch_size=8), step_timeout_s=5.0,
+                        max_abs_weight=None, aggregator=rule)
+    peers = make_peers(6, MemoryNetwork(), config=config)
+    victim, liars = peers[0], peers[1:]
+    d = victim.layout.size
+
+    async def main():
+        async with victim:
+            for liar in liars:
+                await liar.transport.send(victim.id, Frame("model", liar.id, 0, 0, liar.schema, "f32",
+                                                           np.full(d, 3e38, np.float32)))
+            await victim.train(1)
+
+    before = victim.flat.get()
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert victim.rejected["non_finite_aggregate"] == 1
+    assert torch.isfinite(flatten(victim.model)).all()
+    assert not torch.equal(flatten(victim.model), before)   # it kept its own trained vector, not the old one
+
+
+def test_a_diverging_local_update_is_discarded():
+    config = PeerConfig(train=TrainConfig(lr=1e30, local_steps=3, batch_size=8), step_timeout_s=5.0)
+    peers = make_peers(1, MemoryNetwork(), config=config)
+    p = peers[0]
+    before = p.flat.get()
+    events = p.run(2)
+    assert p.rejected["non_finite_update"] >= 1
+    assert torch.isfinite(flatten(p.model)).all()
+    assert torch.equal(flatten(p.model), before) or all(e["round"] < 2 for e in events)
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_mismatched_frames_are_refused_over_libp2p(case):
+    """The same check on the real transport, for the bulk channel and the libp2p-stream path."""
+    (kind, arr), reason = MISMATCHES[case]
+
+    async def main():
+        victim = transport(0, payloads=SPEC, stall_timeout_s=5.0)
+        liar = transport(1)
+        rej = victim.stats.rejected
+        async with AsyncExitStack() as stack:
+            await started(stack, victim, liar)
+            inbox = victim.receive()
+            with trio.fail_after(LIMIT_S):
+                await liar.connect(victim.listen_addrs()[0])
+                dtype = {np.float32: "f32", np.float16: "f16", np.uint16: "bf16"}[arr.dtype.type]
+                assert await liar.send(victim.local_id, Frame(kind, liar.local_id, 0, 0, SCHEMA, dtype, arr))
+                await victim.wait_until(lambda: rej[reason.value] == 1)
+                assert victim.bulk_peers == [liar.local_id]
+                good = Frame("model", liar.local_id, 1, 0, SCHEMA, "f32", np.ones(100, np.float32))
+                assert await liar.send(victim.local_id, good)
+                sender, frame = await inbox.__anext__()
+                assert (sender, frame.round, frame.payload.size) == (liar.local_id, 1, 100)
+            assert dict(rej) == {reason.value: 1}
+
+    trio.run(main)
+
+
+def test_a_frame_larger_than_any_payload_is_refused_before_its_body():
+    """The derived limit (about 1.4 KB for 100 floats) refuses a 4 MB frame from its length prefix:
+    the victim reads a few bytes, never the body, and its buffer pool stays empty."""
+    async def main():
+        victim = transport(0, payloads=SPEC, stall_timeout_s=5.0)
+        liar = transport(1)
+        async with AsyncExitStack() as stack:
+            await started(stack, victim, liar)
+            with trio.fail_after(LIMIT_S):
+                await liar.connect(victim.listen_addrs()[0])
+                big = Frame("model", liar.local_id, 0, 0, SCHEMA, "f32", np.ones(1 << 20, np.float32))
+                assert await liar.send(victim.local_id, big)
+                await victim.wait_until(lambda: victim.stats.rejected[Reject.OVERSIZE.value] == 1)
+            assert victim.max_frame_bytes == payloads.max_frame_bytes(SPEC)
+            assert victim.stats.bytes_received == 0 and victim._buffers.held_bytes == 0
+
+    trio.run(main)
+
+
+def test_the_buffer_pool_is_bounded_in_count_and_bytes():
+    from p2pfl.peers.libp2p.transport import _BufferPool
+
+    pool = _BufferPool(keep=4, max_bytes=10_000)
+    for n in (4000, 4000, 4000, 3000, 20_000):
+        pool._give(np.empty(n, np.uint8))
+    assert pool.held_bytes <= 10_000 and len(pool._free) <= 4
+    assert pool.take(20_000).nbytes == 20_000   # never pooled: a fresh buffer
+
+
+def test_without_the_range_check_a_huge_mix_still_never_becomes_nan():
+    """`mixing` is a convex combination, so 3e38s give a finite, absurd model (what the default range
+    check refuses at the door). Turned off, the next local update diverges and is discarded: the peer
+    never holds or sends a NaN model."""
+    config = PeerConfig(train=TrainConfig(lr=0.1, local_steps=2, batch_size=8), step_timeout_s=5.0,
+                        max_abs_weight=None)
+    network = MemoryNetwork()
+    peers = make_peers(6, network, config=config)
+    victim, liars = peers[0], peers[1:]
+    d = victim.layout.size
+    sent = []
+    send = victim.transport.send
+
+    async def spy(peer, frame):
+        sent.append(frame.payload.copy())
+        return await send(peer, frame)
+
+    victim.transport.send = spy
+
+    async def main():
+        async with victim:
+            for liar in liars:
+                await liar.transport.send(victim.id, Frame("model", liar.id, 0, 0, liar.schema, "f32",
+                                                           np.full(d, 3e38, np.float32)))
+            await victim.train(3)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert victim.rejected["non_finite_update"] >= 1
+    assert torch.isfinite(flatten(victim.model)).all()
+    assert sent and all(np.isfinite(v).all() for v in sent)
