@@ -14,7 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from p2pfl import algorithms
 from p2pfl.errors import ConfigError, P2PFLError
+from p2pfl.robust import RULES
+from p2pfl.robust.attacks import ATTACKS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="p2pfl: decentralized peer-to-peer federated learning.")
@@ -78,8 +81,12 @@ def _attackers_flag(value: str | None) -> float | list[int] | None:
         raise ConfigError(f"--attackers: expected a fraction (0.3) or peer indices (1,5), got {value!r}") from None
 
 
-def _attack_params_flag(value: str | None) -> dict[str, Any] | None:
-    """--attack-params: a JSON object, e.g. '{"sigma": 10}' (the TOML key is a table)."""
+_ALGORITHM_HELP = ("algorithm: " + ", ".join(f"{n} ({algorithms.get(n).summary})" for n in algorithms.names())
+                   + "; a plugin's with --plugins")
+
+
+def _json_object_flag(flag: str, value: str | None) -> dict[str, Any] | None:
+    """--attack-params / --algorithm-params: a JSON object, e.g. '{"sigma": 10}' (the TOML key is a table)."""
     if value is None:
         return None
     try:
@@ -87,7 +94,7 @@ def _attack_params_flag(value: str | None) -> dict[str, Any] | None:
     except ValueError:
         params = None
     if not isinstance(params, dict):
-        raise ConfigError(f"--attack-params: expected a JSON object such as '{{\"sigma\": 10}}', got {value!r}")
+        raise ConfigError(f"{flag}: expected a JSON object such as '{{\"sigma\": 10}}', got {value!r}")
     return params
 
 
@@ -101,8 +108,12 @@ def sim(
     partition: Optional[str] = typer.Option(None, help="iid, dirichlet:ALPHA, classes:K"),
     seed: Optional[int] = typer.Option(None, help="seed of everything random in the run"),
     model: Optional[str] = typer.Option(None, help="mlp or cnn"),
-    aggregator: Optional[str] = typer.Option(None, help="aggregation rule (mixing = Metropolis-Hastings DFedAvg)"),
-    algorithm: Optional[str] = typer.Option(None, help="preset: dfedavg, dfedavgm (momentum 0.9), dfedsam (rho 0.05)"),
+    aggregator: Optional[str] = typer.Option(None, help="aggregation rule: " + ", ".join(sorted(RULES))
+                                                        + " (mixing = Metropolis-Hastings DFedAvg)"),
+    algorithm: Optional[str] = typer.Option(None, help=_ALGORITHM_HELP),
+    algorithm_params: Optional[str] = typer.Option(None, help="the algorithm's own parameters as a JSON object"),
+    plugins: Optional[list[str]] = typer.Option(None, help="module or .py file that registers more algorithms "
+                                                           "(repeatable)"),
     rho: Optional[float] = typer.Option(None, help="SAM radius (0 = SGD); wins over the preset"),
     gossip_steps: Optional[int] = typer.Option(None, help="gossip steps Q per round (Q > 1: -MGS)"),
     lr: Optional[float] = typer.Option(None, help="local learning rate"),
@@ -114,8 +125,7 @@ def sim(
     batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
     wire: Optional[bool] = typer.Option(None, "--wire/--no-wire", help="send every frame through the signed codec"),
     f: Optional[int] = typer.Option(None, "--f", help="Byzantine inputs the aggregation rule must tolerate"),
-    attack: Optional[str] = typer.Option(None, help="none, sign_flip, gaussian, label_flip, alie, ipm, dissensus, "
-                                                    "free_rider, silent, mimic"),
+    attack: Optional[str] = typer.Option(None, help="none, " + ", ".join(sorted(ATTACKS))),
     attackers: Optional[str] = typer.Option(None, help="fraction of Byzantine peers in [0, 1) (0.3), or "
                                                        "comma-separated peer indices (1,5; one peer: 5,)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default results/<name>-<time>)"),
@@ -130,9 +140,10 @@ def sim(
                      seed=seed, model=model, aggregator=aggregator, gossip_steps=gossip_steps, lr=lr,
                      local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size, wire=wire,
                      algorithm=algorithm, rho=rho, lr_decay=lr_decay, momentum=momentum, weight_decay=weight_decay,
-                     f=f, attack=attack, engine=engine_name)
+                     f=f, attack=attack, engine=engine_name, plugins=tuple(plugins or ()) or None)
     try:
         overrides["attackers"] = _attackers_flag(attackers)
+        overrides["algorithm_params"] = _json_object_flag("--algorithm-params", algorithm_params)
         s = scenarios.load(scenario, overrides)
         out_dir = out or Path("results") / f"{s.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -206,9 +217,12 @@ def peer(
     partition: Optional[str] = typer.Option(None, help="iid, dirichlet:ALPHA, classes:K (as in sim)"),
     seed: Optional[int] = typer.Option(None, help="seed of the data split and the initial model (same on all peers)"),
     model: Optional[str] = typer.Option(None, help="mlp or cnn"),
-    aggregator: Optional[str] = typer.Option(None, help="aggregation rule"),
+    aggregator: Optional[str] = typer.Option(None, help="aggregation rule: " + ", ".join(sorted(RULES))),
     gossip_steps: Optional[int] = typer.Option(None, help="gossip steps Q per round"),
-    algorithm: Optional[str] = typer.Option(None, help="preset: dfedavg, dfedavgm (momentum 0.9), dfedsam (rho 0.05)"),
+    algorithm: Optional[str] = typer.Option(None, help=_ALGORITHM_HELP),
+    algorithm_params: Optional[str] = typer.Option(None, help="the algorithm's own parameters as a JSON object"),
+    plugins: Optional[list[str]] = typer.Option(None, help="module or .py file that registers more algorithms "
+                                                           "(repeatable)"),
     rho: Optional[float] = typer.Option(None, help="SAM radius (0 = SGD); wins over the preset"),
     momentum: Optional[float] = typer.Option(None, help="local SGD momentum; wins over the preset"),
     lr: Optional[float] = typer.Option(None, help="local learning rate"),
@@ -224,8 +238,8 @@ def peer(
     metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on this port (0: off) [0]"),
     metrics_host: Optional[str] = typer.Option(None, help="address the metrics endpoint binds [127.0.0.1]; "
                                                           "0.0.0.0 exposes it to the network"),
-    attack: Optional[str] = typer.Option(None, help="make this peer Byzantine: sign_flip, gaussian, label_flip, alie, "
-                                                    "ipm, dissensus, free_rider, silent, mimic [none]"),
+    attack: Optional[str] = typer.Option(None, help="make this peer Byzantine: " + ", ".join(sorted(ATTACKS))
+                                                    + " [none]"),
     attack_params: Optional[str] = typer.Option(None, help="the attack's parameters as a JSON object, "
                                                            "e.g. '{\"sigma\": 10}'"),
     colluders: Optional[str] = typer.Option(None, help="comma-separated peer IDs of the other attackers (spared)"),
@@ -248,7 +262,9 @@ def peer(
         metrics_port=metrics_port, metrics_host=metrics_host, attack=attack,
         colluders=tuple(c for c in (colluders or "").split(",") if c))
     try:
-        overrides["attack_params"] = _attack_params_flag(attack_params)
+        overrides["attack_params"] = _json_object_flag("--attack-params", attack_params)
+        overrides["algorithm_params"] = _json_object_flag("--algorithm-params", algorithm_params)
+        overrides["plugins"] = tuple(plugins or ())
         s = peer_settings.load(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
         from p2pfl.peers import node  # importing libp2p resets its loggers: quiet them afterwards
 

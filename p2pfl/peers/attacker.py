@@ -2,8 +2,9 @@
 
 Theory of operation. An attacker is a `Peer` (same transport, tracker, deadlines and events) that overrides
 three hooks: `prepare_step` (wait for what it needs and craft this step's vectors), `outgoing` (hand out
-the crafted vector per neighbour, or None: `silent`) and `_aggregate` (attackers that neither train nor
-need a model skip the work). The crafting math is in `p2pfl.robust.attacks`.
+the crafted vector per neighbour, or None: `silent`) and `combine` (attackers that neither train nor
+need a model skip the work). It wraps the honest gossip algorithm (`p2pfl.algorithms.gossip`): what it
+trains and aggregates is the honest peer's, only what it sends is replaced. The crafting math is in `p2pfl.robust.attacks`.
 
 What an attacker knows:
 - omniscient (the in-process engine): a `Knowledge` object with the whole graph, the mixing weights, who is
@@ -204,12 +205,13 @@ class AttackerPeer(Peer):
             transport = _Tap(transport, self.board)
         else:
             self.board = knowledge.board
-        super().__init__(model, train_data, transport=transport, neighbors=neighbors, config=config, **kwargs)
+        super().__init__(model, train_data, transport=transport, neighbors=neighbors, config=config,
+                         num_classes=num_classes, **kwargs)
         self.colluders = frozenset(knowledge.byzantine if knowledge else colluders) - {self.id}
         if attack == "mimic" and knowledge is None and isinstance(self.params["peer"], int):
             raise ConfigError("mimic: without the engine's peer order, attack_params.peer must be a peer ID")
         if attack not in TRAINING:
-            self.trainer = _Idle()  # type: ignore[assignment]
+            self.algorithm.trainer = _Idle()  # type: ignore[attr-defined]
         self.noise = torch.Generator().manual_seed(config.seed ^ 0x5EED_B12A)
         self._crafted: dict[str, torch.Tensor | None] = {}
         # this round so far: vectors crafted (one per neighbour and step) and the honest vectors they came from
@@ -320,12 +322,13 @@ class AttackerPeer(Peer):
     def outgoing(self, t: int, q: int, x: torch.Tensor, neighbor: str) -> torch.Tensor | None:
         return self._crafted.get(neighbor, x)
 
-    def _aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    def combine(self, t: int, q: int, received: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         if self.attack == "free_rider" and self.params["mode"] == "mean":
-            return craft.received_mean(torch.stack(list(received.values()))), 0.0
+            self.algorithm.x = craft.received_mean(torch.stack([r["model"] for r in received.values()]))  # type: ignore[attr-defined]
+            return {"neighbor_distance": 0.0}
         if self.attack not in AGGREGATING:
-            return own, 0.0  # its own model plays no part in what it sends
-        return super()._aggregate(own, received)
+            return {"neighbor_distance": 0.0}  # its own model plays no part in what it sends
+        return super().combine(t, q, received)
 
 
 # ------------------------------------------------------------------------------------------ casting
@@ -369,9 +372,10 @@ class Cast:
     def peer(self, i: int, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *,
              test_data: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> Peer:
         if self.knowledge is None:
-            return Peer(model, train_data, test_data=test_data, **kwargs)
+            return Peer(model, train_data, test_data=test_data, num_classes=self.num_classes, **kwargs)
         if i not in self.byzantine:
-            return ObservedPeer(model, train_data, test_data=test_data, board=self.knowledge.board, **kwargs)
+            return ObservedPeer(model, train_data, test_data=test_data, board=self.knowledge.board,
+                                num_classes=self.num_classes, **kwargs)
         # Byzantine peers are not evaluated: honest accuracy is what counts
         return AttackerPeer(model, train_data, attack=self.attack, attack_params=self.params,
                             knowledge=self.knowledge, num_classes=self.num_classes, **kwargs)

@@ -136,7 +136,8 @@ class Node:
             check_rule(s.aggregator, planned, s.f)
         except ConfigError as e:
             raise ConfigError(f"aggregator: with {planned} planned neighbour(s): {e}") from None
-        config = PeerConfig(train=s.train_config(), gossip_steps=s.gossip_steps, aggregator=s.aggregator, f=s.f,
+        config = PeerConfig(train=s.train_config(), algorithm=s.algorithm, algorithm_params=s.algorithm_params,
+                            gossip_steps=s.gossip_steps, aggregator=s.aggregator, f=s.f,
                             step_timeout_s=s.step_timeout, eval_every=s.eval_every, seed=s.seed * 100_003 + i,
                             check_degree=False)
         self.byzantine = s.attack != "none"
@@ -148,16 +149,21 @@ class Node:
                                            colluders=s.colluders, num_classes=data.num_classes, offload=True)
         else:
             self.peer = Peer(model, train, transport=self.transport, neighbors={}, config=config, test_data=test,
-                             offload=True)
+                             offload=True, num_classes=data.num_classes)
         self.peer.on_event = self._on_round
         self.resumed_from: int | None = None
         if s.resume:
             ck = checkpoint.load(s.resume, map_location=self.device, max_round=s.rounds)
             if ck.peer_id != self.identity.peer_id or ck.schema != self.schema:
                 raise ConfigError(f"resume: {s.resume} holds a checkpoint of another peer or model")
+            if self.peer.trainer is None:
+                raise ConfigError(f"resume: algorithm {s.algorithm!r} keeps no checkpoint to resume from")
             ck.apply(self.peer.trainer)   # refuses (ConfigError) a checkpoint that does not fit, changing nothing
-            if hasattr(self.peer, "flat"):
-                self.peer.vector = self.peer.flat.get()   # x_i after the checkpointed round
+            self.peer.algorithm.model_loaded()   # x_i after the checkpointed round
+            try:
+                self.peer.algorithm.load_state_dict(ck.extra.get("algorithm", {}))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ConfigError(f"resume: {s.resume}: the algorithm's state does not fit: {e}") from None
             self.peer.round = self.resumed_from = ck.round
         elif not s.fresh and not self.byzantine and (self.out / checkpoint.FILENAME).exists():
             # an attacker writes no checkpoint, so it has none to lose
@@ -261,10 +267,11 @@ class Node:
             self.transport.round = self.peer.round
             await self.peer.train(1)
             self.transport.round = self.peer.round
-            if not self.byzantine:   # an attacker keeps no checkpoint (settings refuse resume with an attack)
+            if not self.byzantine and self.peer.trainer is not None:   # an attacker keeps no checkpoint
                 try:
                     self._last_snapshot = checkpoint.snapshot(self.peer.trainer, round=self.peer.round,
-                                                              peer_id=self.identity.peer_id, schema=self.schema)
+                                                              peer_id=self.identity.peer_id, schema=self.schema,
+                                                              extra={"algorithm": self.peer.algorithm.state_dict()})
                 except LocalProtocolError as e:   # (the peer discards a NaN update; this is the last guard)
                     self.report(f"round {self.peer.round}: not checkpointed: {e}; the previous checkpoint stays")
                 else:

@@ -1,9 +1,12 @@
-"""The Peer: one participant's round loop, the driver around the sans-IO `StepTracker`.
+"""The Peer: one participant's round loop, the driver around a sans-IO `Algorithm` and `StepTracker`.
 
-Theory of operation: `train(rounds)` runs, for each round t, the local update (K SGD/SAM steps),
-then Q gossip steps: send (t, q, x) to every neighbour, wait until all neighbours' (t, q) vectors
-arrived or `step_timeout_s` passed, and x <- aggregate(x, received). A background task drains the
-transport into the tracker continuously, so frames are read even while the peer trains. Torch work
+Theory of operation: `train(rounds)` runs, for each round t, the algorithm's local update, then Q
+gossip steps: send what the algorithm gives for (t, q) to every neighbour, wait until all neighbours'
+(t, q) frames arrived or `step_timeout_s` passed, and hand what arrived, keyed by peer ID, to the
+algorithm's `combine`. The algorithm (`p2pfl.algorithms`, `PeerConfig.algorithm`) decides what is
+trained, sent and combined; the peer owns rounds, deadlines, the transport and events. A
+background task drains the transport into the tracker continuously, so frames are read even while
+the peer trains. Torch work
 runs in a worker thread (`offload=True`, the real-network default) so the trio loop keeps serving
 streams; the in-process simulator runs it inline (`offload=False`), as a thread hop costs as much as
 a small model's training step there and nothing else waits on that loop's I/O.
@@ -31,15 +34,17 @@ import trio
 import trio.testing
 from torch import nn
 
+from p2pfl import algorithms
+from p2pfl.algorithms import Algorithm, Context, GossipConfig
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import payloads
 from p2pfl.gossip.codec import Frame
-from p2pfl.gossip.payloads import DEFAULT_MAX_ABS, PayloadSpec
+from p2pfl.gossip.payloads import DEFAULT_MAX_ABS
 from p2pfl.gossip.rounds import StepTracker
-from p2pfl.learn.models import FlatParameters, ParamLayout
-from p2pfl.learn.train import LocalTrainer, TrainConfig, evaluate
+from p2pfl.learn.models import ParamLayout
+from p2pfl.learn.train import TrainConfig, evaluate
 from p2pfl.peers.transport import Transport
-from p2pfl.robust import RULES, aggregate, check_rule
+from p2pfl.robust import RULES, check_rule
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ Event = dict[str, Any]
 @dataclass(frozen=True)
 class PeerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
+    algorithm: str = "dfedavg"         # a name in the registry (p2pfl.algorithms.names())
+    algorithm_params: Mapping[str, Any] = field(default_factory=dict)   # checked by the registry
     gossip_steps: int = 1              # Q: 1 = DFedAvg/DFedSAM, >1 = -MGS
     aggregator: str = "mixing"         # a name in p2pfl.robust.RULES
     aggregator_params: Mapping[str, Any] = field(default_factory=dict)
@@ -76,6 +83,10 @@ class PeerConfig:
             raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; allowed: {', '.join(sorted(RULES))}")
         if self.f < 0:
             raise ConfigError(f"f: must be >= 0, got {self.f}")
+        algorithms.params(self.algorithm, self.algorithm_params)
+
+    def gossip(self) -> GossipConfig:
+        return GossipConfig(self.aggregator, self.aggregator_params, self.f, self.max_abs_weight)
 
     def replace(self, **changes: Any) -> PeerConfig:
         return dataclasses.replace(self, **changes)
@@ -85,7 +96,8 @@ class Peer:
     def __init__(self, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *, transport: Transport,
                  neighbors: Mapping[str, float | None], config: PeerConfig | None = None,
                  test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 on_event: Callable[[Event], None] | None = None, offload: bool = True) -> None:
+                 on_event: Callable[[Event], None] | None = None, offload: bool = True,
+                 num_classes: int | None = None) -> None:
         """`neighbors` maps each neighbour's peer ID to its mixing weight W_ij (None: uniform 1/(deg+1))."""
         self.config = config or PeerConfig()
         self.model = model
@@ -96,23 +108,23 @@ class Peer:
         self.test_data = test_data
         self.on_event = on_event or (lambda e: None)
         self.offload = offload
-        gen = torch.Generator().manual_seed(self.config.seed)
-        self.flat = FlatParameters(model)   # before the optimizer: it must see the re-homed params
-        self.trainer = LocalTrainer(model, *train_data, self.config.train, gen)
-        self._bucket_generator = torch.Generator().manual_seed(self.config.seed + 1)
-        self.vector = self.flat.get()       # x_i: the shared parameters after the last round
-        # what a neighbour's frame must carry; the transport refuses anything else before we see it
-        self.payloads = {"model": PayloadSpec("f32", self.layout.size, self.config.max_abs_weight)}
-        transport.expect(self.payloads)
-        self.tracker: StepTracker[torch.Tensor] = StepTracker(
+        self.tracker: StepTracker[tuple[str, torch.Tensor]] = StepTracker(
             [], steps_per_round=self.config.gossip_steps, max_ahead_rounds=self.config.max_ahead_rounds)
+        self.weights = self._weights(neighbors)
+        ctx = Context(peer_id=self.id, model=model, train_data=train_data, train=self.config.train,
+                      gossip=self.config.gossip(), neighbors=self.weights, seed=self.config.seed,
+                      num_classes=num_classes)
+        self.algorithm: Algorithm = algorithms.build(self.config.algorithm, ctx, self.config.algorithm_params)
+        # what a neighbour's frame must carry; the transport refuses anything else before we see it
+        self.payloads = dict(self.algorithm.payloads())
+        transport.expect(self.payloads)
         self.set_neighbors(neighbors)
         self.rejected: Counter[str] = Counter()   # reasons counted above the transport
         self.round = 0                            # next round to run
         self._step_done = trio.Event()
         self._nursery: trio.Nursery | None = None
 
-    def set_neighbors(self, neighbors: Mapping[str, float | None]) -> None:
+    def _weights(self, neighbors: Mapping[str, float | None]) -> dict[str, float]:
         if self.id in neighbors:
             raise ConfigError(f"peer {self.id} lists itself as a neighbour")
         degree = len(neighbors)
@@ -121,8 +133,28 @@ class Peer:
             raise ConfigError(f"mixing weights must be >= 0 and sum to at most 1, got {sorted(weights.values())}")
         if self.config.check_degree:
             check_rule(self.config.aggregator, degree, self.config.f, **self.config.aggregator_params)
-        self.weights = weights
-        self.tracker.set_neighbors(weights)
+        return weights
+
+    def set_neighbors(self, neighbors: Mapping[str, float | None]) -> None:
+        self.weights = self._weights(neighbors)
+        self.tracker.set_neighbors(self.weights)
+        self.algorithm.set_neighbors(self.weights)
+
+    # the gossip family's pieces, for the drivers that checkpoint and measure them
+    @property
+    def trainer(self) -> Any:
+        """The algorithm's `LocalTrainer` (model, optimizer, batch order: what a checkpoint holds), or
+        None for an algorithm that trains without one (it is then not checkpointed)."""
+        return getattr(self.algorithm, "trainer", None)
+
+    @property
+    def flat(self) -> Any:
+        return self.algorithm.flat   # type: ignore[attr-defined]
+
+    @property
+    def vector(self) -> torch.Tensor:
+        """x_i: the shared state as one vector (after `train`: the last round's)."""
+        return self.algorithm.vector()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Peer:
@@ -172,19 +204,11 @@ class Peer:
             # runs back to back rather than interleaved with aggregation and sends, which keeps
             # torch's code and data in cache (about 25% faster per round at 256 peers).
             await trio.lowlevel.checkpoint()
-            stats = await self._compute(self.trainer.train_round, t)
+            stats = await self._compute(self.algorithm.local_update, t)
             await trio.lowlevel.checkpoint()
-            x = self.flat.get()
-            if not bool(torch.isfinite(x).all()):
-                x = self._discard_update(t)
-            step_events = []
-            for q in range(self.config.gossip_steps):
-                x, info = await self._gossip_step(t, q, x)
-                step_events.append(info)
-            self.flat.set(x)
-            self.vector = x
-            event: Event = {"kind": "round", "round": t, "peer": self.id, "train_loss": stats.loss,
-                            "local_steps": stats.steps,
+            step_events = [await self._gossip_step(t, q) for q in range(self.config.gossip_steps)]
+            self.algorithm.end_round(t)
+            event: Event = {"kind": "round", "round": t, "peer": self.id, **stats,
                             "received": sum(s["received"] for s in step_events),
                             "missing": sorted({m for s in step_events for m in s["missing"]}),
                             # seconds spent waiting for neighbours' frames after sending, over the Q steps
@@ -199,17 +223,20 @@ class Peer:
             self.round = t + 1
             self.on_event(event)
 
-    async def _gossip_step(self, t: int, q: int, x: torch.Tensor) -> tuple[torch.Tensor, Event]:
+    async def _gossip_step(self, t: int, q: int) -> Event:
         self._step_done = trio.Event()
         self.tracker.begin(t, q)
+        x = self.algorithm.vector()
         await self.prepare_step(t, q, x)
         for nb in self.tracker.neighbors:
-            vector = self.outgoing(t, q, x, nb)
-            if vector is None:
+            out = self.outgoing(t, q, x, nb)
+            if out is None:
                 continue
-            # vectors are never modified in place after this point, so receivers may share memory
-            await self.transport.send(nb, Frame(kind="model", sender=self.id, round=t, step=q, schema=self.schema,
-                                                dtype="f32", payload=vector.detach().cpu().numpy()))
+            for kind, tensor in ({"model": out} if isinstance(out, torch.Tensor) else out).items():
+                # never modified in place after this point, so receivers may share the memory
+                await self.transport.send(nb, Frame(kind=kind, sender=self.id, round=t, step=q, schema=self.schema,
+                                                    dtype=self.payloads[kind].dtype,
+                                                    payload=tensor.detach().cpu().numpy()))
         timed_out, waited = False, 0.0
         if not self.tracker.complete:
             start = trio.current_time()
@@ -222,25 +249,17 @@ class Peer:
                 await trio.testing.wait_all_tasks_blocked()
             timed_out, waited = not self.tracker.complete, trio.current_time() - start
         missing = self.tracker.missing()
-        received = self.tracker.finish(timed_out)
+        received = {p: {kind: value} for p, (kind, value) in self.tracker.finish(timed_out).items()}
         info: Event = {"received": len(received), "missing": missing, "wait_s": waited}
         if received:
-            x, info["neighbor_distance"] = await self._compute(self._aggregate, x, received)
-        return x, info
-
-    def _discard_update(self, t: int) -> torch.Tensor:
-        """Local training diverged (NaN/Inf): never send or keep that model. Go back to x_i of the
-        last round and drop the optimizer's state (its momentum holds the same NaNs)."""
-        self.rejected["non_finite_update"] += 1
-        log.warning("%s: round %d: local training produced NaN/Inf; keeping the previous model", self.id, t)
-        self.flat.set(self.vector)
-        self.trainer.optimizer.state.clear()
-        return self.flat.get()
+            info.update(await self._compute(self.combine, t, q, received))
+        return info
 
     def rejections(self) -> dict[str, int]:
-        """Everything refused so far, by reason: the transport's and ours. Safe from another thread
-        (a metrics scrape): each live counter is copied with dict(), one step under the GIL."""
-        return dict(Counter(dict(self.rejected)) + Counter(dict(self.transport.stats.rejected)))
+        """Everything refused so far, by reason: the transport's, the algorithm's and ours. Safe from
+        another thread (a metrics scrape): each live counter is copied with dict(), one step under the GIL."""
+        return dict(Counter(dict(self.rejected)) + Counter(dict(self.transport.stats.rejected))
+                    + Counter(dict(self.algorithm.counters)))
 
     def round_info(self, t: int) -> Event:
         """Extra keys for round t's event, asked once when its gossip steps are over (an honest peer
@@ -248,54 +267,20 @@ class Peer:
         return {}
 
     async def prepare_step(self, t: int, q: int, x: torch.Tensor) -> None:
-        """Called once per step (t, q), after entering it and before `outgoing` is asked per neighbour.
-        An honest peer has nothing to do; an attacker may wait here for what it crafts from."""
+        """Called once per step (t, q), after entering it and before `outgoing` is asked per neighbour,
+        with the algorithm's shared vector. An honest peer has nothing to do; an attacker may wait here
+        for what it crafts from."""
 
-    def outgoing(self, t: int, q: int, x: torch.Tensor, neighbor: str) -> torch.Tensor | None:
-        """The vector to send to `neighbor` at step (t, q); None sends nothing. An honest peer sends
-        its own x to everyone; the simulator's attackers override this."""
-        return x
+    def outgoing(self, t: int, q: int, x: torch.Tensor, neighbor: str) -> Mapping[str, torch.Tensor] | torch.Tensor | None:
+        """What to send to `neighbor` at step (t, q): {kind: tensor}, a tensor (a "model"), or None
+        (nothing). An honest peer sends what its algorithm says; the simulator's attackers override this."""
+        return self.algorithm.outgoing(t, q, neighbor)
 
-    def _aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """(x <- rule(own, received), squared distance of own to the neighbours' mean: a real peer's
-        view of consensus). A result with NaN/Inf (finite inputs can still overflow a sum) is never
-        adopted: the step keeps the own vector and counts `non_finite_aggregate`."""
-        x, distance = self._combine(own, received)
-        if x is not own and not bool(torch.isfinite(x).all()):
-            self.rejected["non_finite_aggregate"] += 1
-            log.warning("%s: round %d: the aggregate is not finite; keeping own vector", self.id,
-                        self.tracker.current[0])
-            return own, distance
-        return x, distance
-
-    def _combine(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        cfg = self.config
-        if cfg.aggregator == "mixing":
-            # x_i <- W_ii x_i + sum_j W_ij x_j, accumulated in place (cheaper than stacking for the
-            # few neighbours of a sparse overlay). A missing neighbour's weight stays with us, so the
-            # row still sums to 1; the weights were validated once, in set_neighbors.
-            total, mixed = torch.zeros_like(own), own * (1.0 - sum(self.weights[p] for p in received))
-            for p, v in received.items():
-                v = v.to(own.device)  # frames arrive on the CPU
-                total.add_(v)
-                mixed.add_(v, alpha=self.weights[p])
-            return mixed, float(torch.dist(own, total.div_(len(received)))) ** 2
-        stacked = torch.stack(list(received.values())).to(own.device)  # (m, d)
-        distance = float(torch.dist(own, stacked.mean(0))) ** 2
-        try:
-            params = cfg.aggregator_params
-            if "bucket_size" in params:   # bucketing shuffles with this peer's own seeded generator
-                return aggregate(cfg.aggregator, own, stacked, f=cfg.f, generator=self._bucket_generator,
-                                 **params).vector, distance
-            # the rule alone: aggregate() would also compute per-input weights, which costs 2x for sorting rules
-            return RULES[cfg.aggregator](own, stacked, f=cfg.f, **params), distance
-        except ConfigError as e:   # too few inputs arrived for the rule this step: keep our own vector
-            self.rejected["too_few_inputs"] += 1
-            log.warning("%s: round %d: %s; keeping own vector", self.id, self.tracker.current[0], e)
-            return own, distance
+    def combine(self, t: int, q: int, received: Mapping[str, Mapping[str, torch.Tensor]]) -> Event:
+        """Hand what arrived at (t, q) to the algorithm; attackers override this."""
+        return dict(self.algorithm.combine(t, q, received))
 
     async def _receive_loop(self) -> None:
-        model = self.payloads["model"]
         async for sender, frame in self.transport.receive():
             try:
                 if frame.schema != self.schema:
@@ -303,9 +288,10 @@ class Peer:
                 # the transport checked the payload against our specs; a transport of the application's
                 # own may not have: the O(1) part is checked again, as nothing past here may see a
                 # vector of another shape
-                if (frame.kind, frame.dtype, frame.payload.size) != ("model", model.dtype, model.count):
+                spec = self.payloads.get(frame.kind)
+                if spec is None or (frame.dtype, frame.payload.size) != (spec.dtype, spec.count):
                     payloads.check(frame.kind, frame.dtype, frame.payload, self.payloads, sender)
-                self.tracker.receive(sender, frame.round, frame.step, frame.tensor())
+                self.tracker.receive(sender, frame.round, frame.step, (frame.kind, frame.tensor()))
             except RemoteProtocolError as e:
                 self.rejected[e.reason.value] += 1
                 log.debug("%s: %s", self.id, e)

@@ -9,14 +9,16 @@ started with `--shard i/N --seed S` trains on exactly the shard the simulator gi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pfl import algorithms
 from p2pfl import config as strict
 from p2pfl.errors import ConfigError
 from p2pfl.learn.partition import parse_partition
-from p2pfl.learn.train import TrainConfig, algorithm_preset
+from p2pfl.learn.train import TrainConfig
 from p2pfl.robust import RULES
 from p2pfl.robust.attacks import ATTACKS, check_attack
 
@@ -53,7 +55,9 @@ class PeerSettings:
     model: str = "mlp"
     hidden: tuple[int, ...] = (64,)
     # training and gossip
-    algorithm: str = "dfedavg"          # preset for rho and momentum (p2pfl.learn.train.ALGORITHMS)
+    algorithm: str = "dfedavg"          # a registered algorithm (p2pfl.algorithms); its presets for rho and momentum
+    algorithm_params: dict[str, Any] = field(default_factory=dict)   # its own parameters, checked by the registry
+    plugins: tuple[str, ...] = ()       # modules (or .py files) to import first: they register more algorithms
     lr: float = 0.2
     lr_decay: float = 1.0
     momentum: float | None = None       # None: the algorithm's preset
@@ -98,6 +102,8 @@ class PeerSettings:
             raise ConfigError("metrics_host: empty; give an address to bind, e.g. 127.0.0.1")
         if self.fresh and self.resume:
             raise ConfigError("fresh: given with resume; either continue a checkpoint or start over, not both")
+        algorithms.load_plugins(self.plugins)
+        algorithms.params(self.algorithm, self.algorithm_params)
         self.train_config()
         self.check_attack()
 
@@ -127,12 +133,12 @@ class PeerSettings:
 
     def train_config(self) -> TrainConfig:
         """The local trainer's settings: explicit rho/momentum win over the algorithm's preset."""
-        preset = algorithm_preset(self.algorithm)
+        preset = algorithms.get(self.algorithm).train_preset
         return TrainConfig(lr=self.lr, lr_decay=self.lr_decay,
-                           momentum=preset["momentum"] if self.momentum is None else self.momentum,
+                           momentum=preset.get("momentum", 0.0) if self.momentum is None else self.momentum,
                            weight_decay=self.weight_decay, batch_size=self.batch_size,
                            local_epochs=self.local_epochs, local_steps=self.local_steps,
-                           rho=preset["rho"] if self.rho is None else self.rho)
+                           rho=preset.get("rho", 0.0) if self.rho is None else self.rho)
 
     def network_psk(self) -> str | None:
         """The pre-shared key in the `network_key` file (None: no private network): its first line that
@@ -154,7 +160,8 @@ class PeerSettings:
     def protocol_settings(self) -> dict[str, Any]:
         """What every peer of one federation must agree on (hashed into the hello's config digest)."""
         return {"dataset": self.dataset, "model": self.model, "gossip_steps": self.gossip_steps,
-                "aggregator": self.aggregator, "f": self.f}
+                "aggregator": self.aggregator, "f": self.f, "algorithm": self.algorithm,
+                "algorithm_params": json.dumps(self.algorithm_params, sort_keys=True, default=str)}
 
 
 def load(config: str | Path | None, overrides: dict[str, Any]) -> PeerSettings:

@@ -181,6 +181,8 @@ def _toml(values: dict[str, Any]) -> str:
             return repr(v)
         if isinstance(v, str):
             return json.dumps(v)
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(str(k))} = {lit(x)}" for k, x in v.items()) + "}"
         return "[" + ", ".join(lit(x) for x in v) + "]"
     return "".join(f"{k} = {lit(v)}\n" for k, v in values.items() if v is not None)
 
@@ -193,7 +195,10 @@ def peer_settings(s: Scenario) -> dict[str, Any]:
             "weight_decay": s.weight_decay, "batch_size": s.batch_size, "local_epochs": s.local_epochs,
             "local_steps": s.local_steps, "rho": u["rho"], "gossip_steps": s.gossip_steps,
             "aggregator": s.aggregator, "f": s.f, "step_timeout": s.step_timeout_s, "eval_every": s.eval_every,
-            "device": "cpu", "threads": 1, "start_timeout": STARTUP_S, "delay_ms": s.latency_ms}
+            "device": "cpu", "threads": 1, "start_timeout": STARTUP_S, "delay_ms": s.latency_ms,
+            "algorithm": s.algorithm or "dfedavg", "algorithm_params": dict(s.algorithm_params),
+            # a plugin file is named relative to where the scenario was run: the peers start elsewhere
+            "plugins": [str(Path(p).resolve()) if p.endswith(".py") else p for p in s.plugins]}
 
 
 class _Tail:

@@ -17,12 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from p2pfl import config
+from p2pfl import algorithms, config
 from p2pfl.errors import ConfigError
 from p2pfl.gossip.topology import parse_topology
 from p2pfl.learn.models import MODELS
 from p2pfl.learn.partition import parse_partition
-from p2pfl.learn.train import TrainConfig, algorithm_name, algorithm_preset
+from p2pfl.learn.train import TrainConfig, algorithm_name
 from p2pfl.peers.attacker import check_scenario
 from p2pfl.robust import RULES
 from p2pfl.sim.procs import FAULT_KEYS, check_faults, fault_entries
@@ -45,7 +45,9 @@ class Scenario:
     seed: int = 0
     engine: str = "inproc"
     # local training (see p2pfl.learn.train.TrainConfig)
-    algorithm: str | None = None  # a preset of p2pfl.learn.train.ALGORITHMS: defaults for rho and momentum
+    algorithm: str | None = None  # a registered algorithm (p2pfl.algorithms); None: dfedavg, named by rho/momentum
+    algorithm_params: dict[str, Any] = field(default_factory=dict)   # its own parameters, checked by the registry
+    plugins: tuple[str, ...] = ()  # modules (or .py files) to import first: they register more algorithms
     lr: float = 0.2
     lr_decay: float = 1.0
     momentum: float | None = None  # None: the algorithm's preset (0 without one)
@@ -91,6 +93,8 @@ class Scenario:
             raise ConfigError(f"engine: unknown value {self.engine!r}; allowed: {', '.join(ENGINES)}")
         if self.aggregator not in RULES:
             raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; allowed: {', '.join(sorted(RULES))}")
+        algorithms.load_plugins(self.plugins)
+        algorithms.params(self.algorithm or "dfedavg", self.algorithm_params)
         check_scenario(self)  # attack, attackers, attack_params; the rule against the overlay's degree
         if self.latency_ms < 0 or not 0 <= self.loss < 1:
             raise ConfigError("latency_ms must be >= 0 and loss in [0, 1)")
@@ -99,7 +103,7 @@ class Scenario:
 
     def local_update(self) -> dict[str, float]:
         """rho and momentum as run: an explicit key wins over the algorithm's preset, which wins over 0."""
-        preset = algorithm_preset(self.algorithm) if self.algorithm is not None else {}
+        preset = algorithms.get(self.algorithm).train_preset if self.algorithm is not None else {}
         given = {"rho": self.rho, "momentum": self.momentum}
         return {k: v if v is not None else preset.get(k, 0.0) for k, v in given.items()}
 

@@ -161,4 +161,4 @@ def test_robust_rule_with_bucketing_runs_in_the_peer():
                         aggregator="median", aggregator_params={"bucket_size": 2}, f=0)
     peers = make_peers(5, MemoryNetwork(), config=config)
     run_peers(peers, 2)
-    assert all(p.round == 2 and not p.rejected for p in peers)   # no step fell back to its own vector
+    assert all(p.round == 2 and not p.rejections() for p in peers)   # no step fell back to its own vector

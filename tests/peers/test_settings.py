@@ -79,14 +79,15 @@ def test_bad_attack_settings_name_the_key(values, message):
         load(None, values)
 
 
-def test_attack_params_flag_is_a_json_object():
-    from p2pfl.cli import _attack_params_flag
+@pytest.mark.parametrize("flag", ["--attack-params", "--algorithm-params"])
+def test_params_flags_are_json_objects(flag):
+    from p2pfl.cli import _json_object_flag
 
-    assert _attack_params_flag(None) is None
-    assert _attack_params_flag('{"sigma": 10, "mode": "noise"}') == {"sigma": 10, "mode": "noise"}
+    assert _json_object_flag(flag, None) is None
+    assert _json_object_flag(flag, '{"sigma": 10, "mode": "noise"}') == {"sigma": 10, "mode": "noise"}
     for bad in ("sigma=10", "[1, 2]", "{"):
-        with pytest.raises(ConfigError, match=r"--attack-params: expected a JSON object"):
-            _attack_params_flag(bad)
+        with pytest.raises(ConfigError, match=rf"{flag}: expected a JSON object"):
+            _json_object_flag(flag, bad)
 
 
 @pytest.mark.parametrize("args, needle", [

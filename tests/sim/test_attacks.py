@@ -90,9 +90,9 @@ class Recording(ObservedPeer):
         await super().prepare_step(t, q, x)
         self.sent[(t, q)] = x.clone()
 
-    def _aggregate(self, own, received):
-        self.got[self.tracker.current] = {s: v.clone() for s, v in received.items()}
-        return super()._aggregate(own, received)
+    def combine(self, t, q, received):
+        self.got[(t, q)] = {s: v["model"].clone() for s, v in received.items()}
+        return super().combine(t, q, received)
 
 
 def triangle(attack: str, params: dict, omniscient: bool) -> tuple[Recording, Recording, AttackerPeer]:
