@@ -218,6 +218,8 @@ def peer(
     seed: Optional[int] = typer.Option(None, help="seed of the data split and the initial model (same on all peers)"),
     model: Optional[str] = typer.Option(None, help="mlp or cnn"),
     aggregator: Optional[str] = typer.Option(None, help="aggregation rule: " + ", ".join(sorted(RULES))),
+    aggregator_params: Optional[str] = typer.Option(None, help="the rule's parameters as a JSON object, "
+                                                               "e.g. '{\"tau\": 1.0}'"),
     gossip_steps: Optional[int] = typer.Option(None, help="gossip steps Q per round"),
     algorithm: Optional[str] = typer.Option(None, help=_ALGORITHM_HELP),
     algorithm_params: Optional[str] = typer.Option(None, help="the algorithm's own parameters as a JSON object"),
@@ -264,6 +266,7 @@ def peer(
     try:
         overrides["attack_params"] = _json_object_flag("--attack-params", attack_params)
         overrides["algorithm_params"] = _json_object_flag("--algorithm-params", algorithm_params)
+        overrides["aggregator_params"] = _json_object_flag("--aggregator-params", aggregator_params)
         overrides["plugins"] = tuple(plugins or ())
         s = peer_settings.load(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
         from p2pfl.peers import node  # importing libp2p resets its loggers: quiet them afterwards

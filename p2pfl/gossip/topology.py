@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -279,9 +280,15 @@ def metropolis_hastings(adj: np.ndarray) -> np.ndarray:
     """
     a = _check_adj(adj)
     deg = a.sum(axis=1)  # (n,)
-    w = np.where(a, 1.0 / (1.0 + np.maximum(deg[:, None], deg[None, :])), 0.0)  # (n, n)
+    w = np.where(a, mh_weight(deg[:, None], deg[None, :]), 0.0)  # (n, n)
     np.fill_diagonal(w, 1.0 - w.sum(axis=1))
     return w
+
+
+def mh_weight(d_i: Any, d_j: Any) -> Any:
+    """The Metropolis-Hastings weight of an edge between peers of degrees d_i and d_j (scalars or
+    arrays): 1 / (1 + max(d_i, d_j)). A real peer learns d_j from its neighbour's hello."""
+    return 1.0 / (1.0 + np.maximum(d_i, d_j))
 
 
 def spectral_gap(w: np.ndarray) -> float:

@@ -36,12 +36,14 @@ class TrainConfig:
     max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
+        finite = math.isfinite
         checks = {
-            "lr": self.lr > 0, "lr_decay": 0 < self.lr_decay <= 1, "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
-            "local_epochs": self.local_epochs > 0, "rho": self.rho >= 0,
+            "lr": self.lr > 0 and finite(self.lr), "lr_decay": 0 < self.lr_decay <= 1,
+            "momentum": 0 <= self.momentum < 1, "weight_decay": 0 <= self.weight_decay < math.inf,
+            "batch_size": self.batch_size >= 1, "local_epochs": 0 < self.local_epochs < math.inf,
+            "rho": 0 <= self.rho < math.inf,
             "local_steps": self.local_steps is None or self.local_steps >= 1,
-            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
+            "max_grad_norm": self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
         }
         for key, ok in checks.items():
             if not ok:

@@ -52,6 +52,7 @@ from p2pfl.errors import ConfigError, LocalProtocolError, printable
 from p2pfl.files import MetricsLog, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.rounds import agreed_round
+from p2pfl.gossip.topology import mh_weight
 from p2pfl.learn.datasets import load_dataset
 from p2pfl.learn.models import ParamLayout, make_model
 from p2pfl.learn.partition import partition
@@ -133,11 +134,12 @@ class Node:
         self.explicit = {_peer_of(a) for a in s.neighbors}
         planned = len(self.explicit) or s.degree    # neighbours join one by one: check the rule once, here
         try:
-            check_rule(s.aggregator, planned, s.f)
+            check_rule(s.aggregator, planned, s.f, **s.aggregator_params)
         except ConfigError as e:
             raise ConfigError(f"aggregator: with {planned} planned neighbour(s): {e}") from None
         config = PeerConfig(train=s.train_config(), algorithm=s.algorithm, algorithm_params=s.algorithm_params,
-                            gossip_steps=s.gossip_steps, aggregator=s.aggregator, f=s.f,
+                            gossip_steps=s.gossip_steps, aggregator=s.aggregator,
+                            aggregator_params=s.aggregator_params, f=s.f,
                             step_timeout_s=s.step_timeout, eval_every=s.eval_every, seed=s.seed * 100_003 + i,
                             check_degree=False)
         self.byzantine = s.attack != "none"
@@ -310,8 +312,7 @@ class Node:
             if until <= self.peer.round:   # back on probation: one more missed round sets it aside again
                 del self.benched[p]
                 self.misses[p] = SUSPECT_AFTER - 1
-        for p in [p for p in self.links if p in self.benched and p not in self.explicit]:
-            self.links.discard(p)      # a picked neighbour that went quiet frees its slot for another
+        self._prune_links()
         active = self._active()
         if active != set(self.peer.tracker.neighbors):
             log.info("neighbours: %s", sorted(active))
@@ -323,7 +324,7 @@ class Node:
         hello; it sums to < 1 over any subset of neighbours, so W_ii = 1 - sum stays > 0. None
         (uniform 1 / (active + 1)) when neighbours are picked at run time and degrees still change."""
         d_j = self.transport.peers[p].degree if p in self.transport.peers else 0
-        return 1.0 / (1 + max(len(self.explicit), d_j)) if self.explicit and d_j > 0 else None
+        return float(mh_weight(len(self.explicit), d_j)) if self.explicit and d_j > 0 else None
 
     # -- membership ---------------------------------------------------------------------------------
     def _on_hello(self, peer: str, hello: Hello) -> None:
@@ -336,7 +337,8 @@ class Node:
         for addr, other in self.exchange.pick(peer, addrs, time.monotonic(), known):
             self.dialing.add(other)
             self._nursery.start_soon(self._dial_once, addr, other)
-        if not self.explicit and peer not in self.links and len(self.links) < self.s.degree:
+        if not self.explicit and peer not in self.links and peer not in self.benched and \
+                len(self.links) < self.s.degree:
             self._nursery.start_soon(self._ask_link, peer)
         if self.peer.round == self.first_round and self._train_scope is not None and self.peer.tracker.current[0] < 0:
             self._apply_neighbors()    # before round 0, neighbours join at once
@@ -377,10 +379,19 @@ class Node:
             await trio.sleep(self.refresh_s)
             await self._refresh()
 
+    def _prune_links(self) -> None:
+        """Free the slots of picked links that cannot be neighbours: set aside (silent), or no longer
+        accepted (a later hello was refused: such a peer never misses a round, so silence alone
+        would never free its slot)."""
+        for p in [p for p in self.links if p not in self.explicit and
+                  (p in self.benched or p not in self.transport.peers)]:
+            self.links.discard(p)
+
     def _missing(self) -> bool:
         """A wanted neighbour is missing: an explicit one we have no hello from, or too few links."""
         if self.explicit:
             return any(p not in self.transport.peers for p in self.explicit)
+        self._prune_links()
         return len(self.links) < self.s.degree
 
     async def _refresh(self) -> None:
@@ -408,28 +419,32 @@ class Node:
         return sorted((p for p in self.transport.peers if p not in self.links and p not in self.benched), key=rank)
 
     async def _ask_link(self, peer: str) -> None:
-        if peer in self.links or len(self.links) >= self.s.degree:
+        self._prune_links()
+        if peer in self.links or peer in self.benched or len(self.links) >= self.s.degree:
             return
         try:
             reply = await self.transport.request(peer, {"t": "link"})
         except Exception as e:
             log.debug("link %s: %s", peer, e)
             return
-        if reply.get("ok") is True:
+        if reply.get("ok") is True and peer in self.transport.peers and peer not in self.benched:
             self.links.add(peer)
             if self.peer.tracker.current[0] < 0:
                 self._apply_neighbors()
+            self.transport.notify()   # round 0 may be waiting for this link
 
     async def _on_control(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
         if msg["t"] == "link":
             # a set-aside peer cannot take a slot back before its time is up: identities that send
             # nothing cannot hold all our slots against peers that do
+            self._prune_links()
             ok = not self.explicit and peer not in self.benched and \
                 (peer in self.links or len(self.links) < self.s.degree + 2)
             if ok:
                 self.links.add(peer)
                 if self.peer.tracker.current[0] < 0:
                     self._apply_neighbors()
+                self.transport.notify()   # round 0 may be waiting for this link
             return {"t": "link", "ok": ok}
         return {"t": "error", "error": f"unknown request {msg['t']!r}"}
 

@@ -24,14 +24,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import torch
 import trio
-import trio.testing
 from torch import nn
 
 from p2pfl import algorithms
@@ -69,8 +68,6 @@ class PeerConfig:
     # False where neighbours join and leave at run time (a real peer): the caller checks the rule once
     # against the planned degree, and a step with too few inputs keeps the own vector
     check_degree: bool = True
-    # True under trio's MockClock (the in-process simulator): see the deadline in _gossip_step
-    virtual_time: bool = False
 
     def __post_init__(self) -> None:
         if self.gossip_steps < 1:
@@ -97,8 +94,13 @@ class Peer:
                  neighbors: Mapping[str, float | None], config: PeerConfig | None = None,
                  test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
                  on_event: Callable[[Event], None] | None = None, offload: bool = True,
-                 num_classes: int | None = None) -> None:
-        """`neighbors` maps each neighbour's peer ID to its mixing weight W_ij (None: uniform 1/(deg+1))."""
+                 num_classes: int | None = None, settle: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`neighbors` maps each neighbour's peer ID to its mixing weight W_ij (None: uniform 1/(deg+1)).
+        `settle`: awaited when a step's deadline fires, before the step closes. Under a MockClock (the
+        in-process simulator passes trio.testing.wait_all_tasks_blocked), frames due at the very instant
+        of the deadline are common and trio would order them against it at random: letting everything
+        due now happen first makes a seed give one result."""
+        self.settle = settle
         self.config = config or PeerConfig()
         self.model = model
         self.transport = transport
@@ -242,11 +244,8 @@ class Peer:
             start = trio.current_time()
             with trio.move_on_after(self.config.step_timeout_s) as scope:
                 await self._step_done.wait()
-            if scope.cancelled_caught and self.config.virtual_time:
-                # Under a MockClock, frames due at the very instant of the deadline are common, and
-                # trio's scheduler would order them against the deadline at random: let everything
-                # due now happen first, so a seed gives one result.
-                await trio.testing.wait_all_tasks_blocked()
+            if scope.cancelled_caught and self.settle is not None:
+                await self.settle()
             timed_out, waited = not self.tracker.complete, trio.current_time() - start
         missing = self.tracker.missing()
         received = {p: {kind: value} for p, (kind, value) in self.tracker.finish(timed_out).items()}

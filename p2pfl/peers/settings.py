@@ -10,6 +10,7 @@ started with `--shard i/N --seed S` trains on exactly the shard the simulator gi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ class PeerSettings:
     rho: float | None = None            # None: the algorithm's preset
     gossip_steps: int = 1
     aggregator: str = "mixing"
+    aggregator_params: dict[str, Any] = field(default_factory=dict)   # the rule's parameters, e.g. {tau = 1.0}
     f: int = 0
     step_timeout: float = 30.0
     eval_every: int = 1
@@ -90,10 +92,17 @@ class PeerSettings:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         for key in ("start_timeout", "step_timeout"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
-        if self.delay_ms < 0:
-            raise ConfigError(f"delay_ms: must be >= 0, got {self.delay_ms}")
+            if not 0 < getattr(self, key) < math.inf:
+                raise ConfigError(f"{key}: must be > 0 and finite, got {getattr(self, key)}")
+        if not 0 <= self.delay_ms < math.inf:
+            raise ConfigError(f"delay_ms: must be >= 0 and finite, got {self.delay_ms}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+        for key, most in (("threads", 1024), ("degree", 1024), ("min_neighbors", 1024)):
+            if getattr(self, key) > most:
+                raise ConfigError(f"{key}: must be <= {most}, got {getattr(self, key)}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden: layer widths must be >= 1, got {list(self.hidden)}")
         if not -1 <= self.bulk_port <= 65535:
             raise ConfigError(f"bulk_port: must be 0..65535 (0: any free port) or -1 (off), got {self.bulk_port}")
         if not 0 <= self.metrics_port <= 65535:
@@ -161,6 +170,7 @@ class PeerSettings:
         """What every peer of one federation must agree on (hashed into the hello's config digest)."""
         return {"dataset": self.dataset, "model": self.model, "gossip_steps": self.gossip_steps,
                 "aggregator": self.aggregator, "f": self.f, "algorithm": self.algorithm,
+                "aggregator_params": json.dumps(self.aggregator_params, sort_keys=True, default=str),
                 "algorithm_params": json.dumps(self.algorithm_params, sort_keys=True, default=str)}
 
 

@@ -53,11 +53,6 @@ class Aggregation:
     vector: Tensor  # [d]
     weights: Tensor  # [n], same dtype and device as vector
 
-    @property
-    def selected(self) -> Tensor:
-        """Boolean [n]: the inputs that contributed anything."""
-        return self.weights > 0
-
 
 def clip(z: Tensor, tau: float) -> Tensor:
     """clip(z, tau) = z * min(1, tau / ||z||) (global L2 norm; z = 0 stays 0)."""
@@ -274,7 +269,12 @@ def _positive(what: str, value: Any) -> float:
 
 
 def _weights(name: str, value: Any, n: int) -> Tensor:
-    w = torch.as_tensor(value).to(torch.float64)
+    if isinstance(value, (str, bytes, Mapping)):
+        raise ConfigError(f"{name}: weights must be a list of numbers, got {type(value).__name__}")
+    try:
+        w = torch.as_tensor(value).to(torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:   # ragged, non-numeric, None entries
+        raise ConfigError(f"{name}: weights must be a list of numbers: {str(e)[:120]}") from None
     if w.shape != (n,):
         raise ConfigError(f"{name}: weights must have one entry per input (own first), n = {n}, got shape "
                           f"{tuple(w.shape)}; if some neighbours are missing, the caller renormalizes")

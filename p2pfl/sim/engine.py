@@ -36,10 +36,10 @@ from p2pfl.learn.datasets import Dataset, load_dataset
 from p2pfl.learn.models import make_model
 from p2pfl.learn.partition import partition
 from p2pfl.learn.train import LocalTrainer, evaluate
-from p2pfl.peers import attacker as attacks
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
-from p2pfl.sim.results import accuracy_table, plot_accuracy, plot_consensus, read_events
+from p2pfl.sim import cast as attacks
+from p2pfl.sim.results import accuracy_table, consensus_distance, plot_accuracy, plot_consensus, read_events
 from p2pfl.sim.scenario import Scenario
 
 Progress = Callable[[int, dict[str, Any]], None]
@@ -114,9 +114,7 @@ class _RoundWatcher:
 
     def _close_round(self, t: int, slot: dict[int, tuple[torch.Tensor, dict[str, Any]]]) -> None:
         order = [i for i in sorted(slot) if i in self.honest]
-        X = torch.stack([slot[i][0] for i in order])  # (honest n, d)
-        # in place: at hundreds of peers each (n, d) temporary is megabytes of fresh pages
-        distance = float(X.sub_(X.mean(0)).pow_(2).sum(1).mean())
+        distance = consensus_distance(torch.stack([slot[i][0] for i in order]), in_place=True)
         # in peer order, not arrival order, so the mean's last bit does not depend on scheduling
         accs = [slot[i][1]["accuracy"] for i in order if "accuracy" in slot[i][1]]
         summary: dict[str, Any] = {"kind": "consensus", "round": t, "distance": distance}
@@ -155,13 +153,14 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     config = PeerConfig(train=s.train_config(), algorithm=s.algorithm or "dfedavg",
                         algorithm_params=s.algorithm_params, gossip_steps=s.gossip_steps, aggregator=s.aggregator,
                         aggregator_params=s.aggregator_params, f=s.f, step_timeout_s=s.step_timeout_s,
-                        eval_every=s.eval_every, virtual_time=True)
+                        eval_every=s.eval_every)
     for i, ident in enumerate(setup.identities):
         weights = {setup.identities[j].peer_id: float(setup.W[i, j]) for j in nbrs[i]}
         peers.append(cast.peer(i, copy.deepcopy(setup.init), setup.tensors(setup.shards[i]),
                                transport=network.endpoint(ident), neighbors=weights,
                                config=config.replace(seed=s.seed * 100_003 + i),
-                               test_data=test if i in honest else None, offload=False))
+                               test_data=test if i in honest else None, offload=False,
+                               settle=trio.testing.wait_all_tasks_blocked))
     watcher = _RoundWatcher(peers, log, progress, honest)
     for p in peers:
         p.on_event = watcher

@@ -27,8 +27,7 @@ When every process has exited, the peers' summaries become one summary.json with
 engine's keys. Processes are stopped by PID only: on an error, a timeout or Ctrl-C, SIGTERM (the
 peer writes its checkpoint and exits 0), then SIGKILL after a grace period.
 
-This module imports neither the scenario nor the engine at import time (scenario.py calls
-`check_faults` while it builds a Scenario).
+Fault specs are parsed in faults.py (scenario.py checks them while it builds a Scenario).
 """
 
 from __future__ import annotations
@@ -45,20 +44,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from p2pfl.errors import ConfigError, P2PFLError
+from p2pfl.errors import P2PFLError
 from p2pfl.files import MetricsLog, write_json
-from p2pfl.sim.results import accuracy_table, plot_accuracy, read_events
-
-if TYPE_CHECKING:
-    from p2pfl.sim.scenario import Scenario
+from p2pfl.gossip.topology import neighbors, spectral_gap
+from p2pfl.sim import cast as attacks
+from p2pfl.sim.cast import choose_attackers
+from p2pfl.sim.engine import Setup, centralized_reference
+from p2pfl.sim.faults import Kill, delays, kills
+from p2pfl.sim.results import accuracy_table, consensus_distance, plot_accuracy, read_events
+from p2pfl.sim.scenario import Scenario
 
 Progress = Callable[[int, dict[str, Any]], None]
 
-FAULT_KEYS = {"kill": ("peer", "at_round", "restart_after_s"), "delay": ("peer", "ms")}
 POLL_S = 0.1           # how often the metrics files are read
 GRACE_S = 10.0         # SIGTERM -> SIGKILL
 STARTUP_S = 120.0      # every peer up and linked to all its neighbours (importing torch is slow)
@@ -66,100 +67,6 @@ STARTUP_S = 120.0      # every peer up and linked to all its neighbours (importi
 
 class PeerFailed(P2PFLError):
     """A peer process exited with an error, or the run made no progress for too long."""
-
-
-# -- fault specs ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Kill:
-    peer: int
-    at_round: int                       # SIGKILL once the peer reports this round (0-based) done
-    restart_after_s: float | None       # None: it stays down
-
-
-@dataclass(frozen=True)
-class Delay:
-    peer: int
-    ms: float                           # before every frame it sends
-
-
-def fault_entries(key: str, value: Any) -> tuple[dict[str, Any], ...]:
-    """A TOML value of `kill`/`delay` as a tuple of tables (one table is a list of one)."""
-    items = [value] if isinstance(value, dict) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(e, dict) for e in items):
-        raise ConfigError(f"{key}: expected a table or a list of tables, e.g. "
-                          + ("kill = [{peer = 3, at_round = 5, restart_after_s = 10}]" if key == "kill"
-                             else "delay = {peer = 2, ms = 200}") + f"; got {value!r}")
-    return tuple(dict(e) for e in items)
-
-
-def _number(where: str, entry: dict[str, Any], key: str, integer: bool) -> Any:
-    v = entry[key]
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok:
-        raise ConfigError(f"{where}.{key}: expected {'an integer' if integer else 'a number'}, got {v!r}")
-    return v
-
-
-def _entry(key: str, n: int, entry: dict[str, Any], peers: int, required: tuple[str, ...]) -> None:
-    where = f"{key}[{n}]"
-    allowed = FAULT_KEYS[key]
-    unknown = sorted(set(entry) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(allowed)}")
-    for k in required:
-        if k not in entry:
-            raise ConfigError(f"{where}: missing key {k!r}")
-    peer = _number(where, entry, "peer", integer=True)
-    if not 0 <= peer < peers:
-        raise ConfigError(f"{where}.peer: must be a peer index in [0, {peers}), got {peer}")
-
-
-def kills(s: Scenario) -> list[Kill]:
-    out = []
-    for n, e in enumerate(s.kill):
-        _entry("kill", n, e, s.peers, ("peer", "at_round"))
-        at = _number(f"kill[{n}]", e, "at_round", integer=True)
-        if not 0 <= at < s.rounds:
-            raise ConfigError(f"kill[{n}].at_round: must be in [0, rounds) = [0, {s.rounds}), got {at}")
-        after = e.get("restart_after_s")
-        if after is not None and _number(f"kill[{n}]", e, "restart_after_s", integer=False) < 0:
-            raise ConfigError(f"kill[{n}].restart_after_s: must be >= 0, got {after}")
-        out.append(Kill(e["peer"], at, None if after is None else float(after)))
-    for n, k in enumerate(out):
-        earlier = [j for j in out[:n] if j.peer == k.peer]
-        if earlier and (earlier[-1].restart_after_s is None or earlier[-1].at_round >= k.at_round):
-            raise ConfigError(f"kill[{n}]: peer {k.peer} is killed again; an earlier kill of it must restart it "
-                              f"(restart_after_s) at a smaller at_round")
-    return out
-
-
-def delays(s: Scenario) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for n, e in enumerate(s.delay):
-        _entry("delay", n, e, s.peers, ("peer", "ms"))
-        ms = _number(f"delay[{n}]", e, "ms", integer=False)
-        if not ms >= 0:
-            raise ConfigError(f"delay[{n}].ms: must be >= 0, got {ms}")
-        if e["peer"] in out:
-            raise ConfigError(f"delay[{n}].peer: peer {e['peer']} already has a delay")
-        out[e["peer"]] = float(ms)
-    return out
-
-
-def check_faults(s: Scenario) -> None:
-    """Fault keys, and what the procs engine cannot run, as ConfigErrors naming the key."""
-    kills(s)
-    delays(s)
-    if s.engine != "procs":
-        for key in FAULT_KEYS:
-            if getattr(s, key):
-                raise ConfigError(f"{key}: faults run on real processes only; set engine = \"procs\" "
-                                  f"(or --engine procs)")
-        return
-    if s.aggregator_params:
-        raise ConfigError("aggregator_params: `p2pfl peer` has no such setting; remove it or use engine = \"inproc\"")
-    if s.loss:
-        raise ConfigError("loss: the procs engine runs over real TCP, which drops nothing; use engine = \"inproc\"")
 
 
 # -- peer processes ---------------------------------------------------------------------------------
@@ -194,7 +101,7 @@ def peer_settings(s: Scenario) -> dict[str, Any]:
             "hidden": list(s.hidden), "lr": s.lr, "lr_decay": s.lr_decay, "momentum": u["momentum"],
             "weight_decay": s.weight_decay, "batch_size": s.batch_size, "local_epochs": s.local_epochs,
             "local_steps": s.local_steps, "rho": u["rho"], "gossip_steps": s.gossip_steps,
-            "aggregator": s.aggregator, "f": s.f, "step_timeout": s.step_timeout_s, "eval_every": s.eval_every,
+            "aggregator": s.aggregator, "aggregator_params": dict(s.aggregator_params), "f": s.f, "step_timeout": s.step_timeout_s, "eval_every": s.eval_every,
             "device": "cpu", "threads": 1, "start_timeout": STARTUP_S, "delay_ms": s.latency_ms,
             "algorithm": s.algorithm or "dfedavg", "algorithm_params": dict(s.algorithm_params),
             # a plugin file is named relative to where the scenario was run: the peers start elsewhere
@@ -394,9 +301,6 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
         timeout_s: float | None = None) -> dict[str, Any]:
     """Run `scenario` as real peer processes; write metrics.jsonl, summary.json, accuracy.png to
     `out_dir` (and one folder per peer). `timeout_s` bounds the whole run (PeerFailed past it)."""
-    from p2pfl.gossip.topology import spectral_gap
-    from p2pfl.peers.attacker import choose_attackers
-    from p2pfl.sim.engine import Setup
 
     s = scenario
     out = Path(out_dir)
@@ -464,11 +368,10 @@ def _attack_argv(s: Scenario, ids: list[str], byzantine: list[int], i: int) -> l
     return argv + (["--colluders", ",".join(others)] if others else [])
 
 
-def _peers(s: Scenario, out: Path, setup: Any, ports: list[int],
+def _peers(s: Scenario, out: Path, setup: Setup, ports: list[int],
            byzantine: tuple[int, ...] | list[int] = ()) -> list[_Peer]:
     """Each peer's folder (its key saved there), and its command: shard, port, neighbours' multiaddrs,
     and for the `byzantine` ones the attack flags."""
-    from p2pfl.gossip.topology import neighbors
 
     nbrs = neighbors(setup.adjacency)
     ids = [ident.peer_id for ident in setup.identities]
@@ -494,11 +397,10 @@ def _peers(s: Scenario, out: Path, setup: Any, ports: list[int],
     return peers
 
 
-def _centralized(setup: Any) -> list[float]:
+def _centralized(setup: Setup) -> list[float]:
     """The engine's centralized reference, on one torch thread as the engine runs it (more only spin)."""
     import torch
 
-    from p2pfl.sim.engine import centralized_reference
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -516,10 +418,7 @@ def _consensus(dirs: list[Path]) -> float:
     for d in dirs:
         state = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
         vectors.append(torch.cat([v.flatten().float() for _, v in sorted(state.items()) if v.is_floating_point()]))
-    if len(vectors) < 2:
-        return math.nan
-    X = torch.stack(vectors)  # (n, d)
-    return float(((X - X.mean(0)) ** 2).sum(1).mean())
+    return consensus_distance(torch.stack(vectors)) if len(vectors) >= 2 else math.nan
 
 
 def _totals(peers: list[_Peer]) -> tuple[int, dict[str, int]]:
@@ -538,10 +437,8 @@ def _totals(peers: list[_Peer]) -> tuple[int, dict[str, int]]:
     return bytes_sent, rejected
 
 
-def _finish(s: Scenario, out: Path, setup: Any, fleet: _Fleet, log: MetricsLog, central: list[float],
+def _finish(s: Scenario, out: Path, setup: Setup, fleet: _Fleet, log: MetricsLog, central: list[float],
             wall: float) -> dict[str, Any]:
-    from p2pfl.gossip.topology import neighbors, spectral_gap
-    from p2pfl.peers import attacker as attacks
 
     peers = fleet.peers
     good = [p for p in peers if not p.byzantine]     # honest accuracy and consensus are over these only

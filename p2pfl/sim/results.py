@@ -13,12 +13,24 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from p2pfl.errors import ConfigError
 from p2pfl.files import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+
+
+def consensus_distance(vectors: torch.Tensor, *, in_place: bool = False) -> float:
+    """(1/n) sum_i ||x_i - x_bar||^2 of the rows of `vectors` (n, d); NaN for none. `in_place` reuses
+    the tensor's memory (at hundreds of peers each (n, d) temporary is megabytes of fresh pages)."""
+    if len(vectors) == 0:
+        return math.nan
+    centred = vectors.sub_(vectors.mean(0)) if in_place else vectors - vectors.mean(0)
+    return float(centred.pow_(2).sum(1).mean())
 
 
 def read_events(run_dir: str | Path) -> list[dict[str, Any]]:

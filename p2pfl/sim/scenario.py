@@ -12,6 +12,8 @@ anywhere (file or flag) wins over any preset, and `dataclasses.replace(s, algori
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,12 +25,13 @@ from p2pfl.gossip.topology import parse_topology
 from p2pfl.learn.models import MODELS
 from p2pfl.learn.partition import parse_partition
 from p2pfl.learn.train import TrainConfig, algorithm_name
-from p2pfl.peers.attacker import check_scenario
 from p2pfl.robust import RULES
-from p2pfl.sim.procs import FAULT_KEYS, check_faults, fault_entries
+from p2pfl.sim.cast import check_scenario
+from p2pfl.sim.faults import FAULT_KEYS, check_faults, fault_entries
 
 DATASETS = ("digits", "mnist1d", "synthetic", "npz:PATH")
 ENGINES = ("inproc", "procs")   # one process (memory transport, virtual time); real peer processes
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 MAX_PEERS = 10_000              # config checks build the n x n overlay (100 MB here); far more would exhaust memory
 
 
@@ -83,6 +86,18 @@ class Scenario:
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if self.rounds < 1:
             raise ConfigError(f"rounds: must be >= 1, got {self.rounds}")
+        if not _NAME.fullmatch(self.name):
+            raise ConfigError(f"name: {self.name!r} must be 1-64 letters, digits, '.', '_' or '-', not starting "
+                              "with '.' (it names the output folder)")
+        for key in ("gossip_steps", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.f < 0:
+            raise ConfigError(f"f: must be >= 0, got {self.f}")
+        if not 0 < self.step_timeout_s < math.inf:
+            raise ConfigError(f"step_timeout_s: must be > 0 and finite, got {self.step_timeout_s}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden: layer widths must be >= 1, got {list(self.hidden)}")
         parse_topology(self.topology)
         parse_partition(self.partition)
         if not (self.dataset in DATASETS[:3] or self.dataset.startswith("npz:")):
@@ -96,8 +111,8 @@ class Scenario:
         algorithms.load_plugins(self.plugins)
         algorithms.params(self.algorithm or "dfedavg", self.algorithm_params)
         check_scenario(self)  # attack, attackers, attack_params; the rule against the overlay's degree
-        if self.latency_ms < 0 or not 0 <= self.loss < 1:
-            raise ConfigError("latency_ms must be >= 0 and loss in [0, 1)")
+        if not 0 <= self.latency_ms < math.inf or not 0 <= self.loss < 1:
+            raise ConfigError(f"latency_ms must be >= 0 and finite, loss in [0, 1); got {self.latency_ms}, {self.loss}")
         self.train_config()  # validates the training keys (and the algorithm name)
         check_faults(self)   # kill, delay, and what the procs engine cannot run
 

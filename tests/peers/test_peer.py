@@ -162,3 +162,30 @@ def test_robust_rule_with_bucketing_runs_in_the_peer():
     peers = make_peers(5, MemoryNetwork(), config=config)
     run_peers(peers, 2)
     assert all(p.round == 2 and not p.rejections() for p in peers)   # no step fell back to its own vector
+
+
+def test_partitions_and_per_link_latency_of_the_memory_network():
+    """A partition blocks the links between groups both ways (sends fail and are counted, the step
+    deadline passes); `heal` restores them. A per-link latency delays that link only, in virtual time."""
+    network = MemoryNetwork()
+    peers = make_peers(4, network)
+    a, b, c, d = (p.id for p in peers)
+    network.partition([[a, b], [c, d]])
+    network.link_latency[(a, b)] = 0.75
+    events = []
+    for p in peers:
+        p.on_event = events.append
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    run_peers(peers, 1, clock)
+    # each peer reached only its own group: 1 of 3 neighbours, and waited the 5 s deadline
+    assert all(e["received"] == 1 and len(e["missing"]) == 2 for e in events)
+    assert sum(p.transport.stats.send_failures for p in peers) == 4 * 2
+    assert math.isclose(clock.current_time(), 5.0)
+    network.heal()
+    events.clear()
+    for p in peers:
+        p.config = p.config.replace(step_timeout_s=60.0)
+    run_peers(peers, 1, clock)
+    # healed: everyone hears everyone; the slowest link (a -> b, 0.75 s) sets the round's length
+    assert all(e["received"] == 3 for e in events)
+    assert math.isclose(clock.current_time(), 5.0 + 0.75)

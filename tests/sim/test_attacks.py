@@ -13,18 +13,13 @@ from p2pfl.errors import ConfigError
 from p2pfl.gossip.identity import Identity
 from p2pfl.learn.models import make_model
 from p2pfl.learn.train import TrainConfig
-from p2pfl.peers.attacker import (
-    AttackerPeer,
-    Board,
-    Knowledge,
-    ObservedPeer,
-    choose_attackers,
-)
+from p2pfl.peers.attacker import AttackerPeer, Board, Knowledge, ObservedPeer
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import PeerConfig
 from p2pfl.robust import attacks as craft
 from p2pfl.sim import engine
 from p2pfl.sim import scenario as scenarios
+from p2pfl.sim.cast import choose_attackers
 from p2pfl.sim.results import accuracy_table, read_events
 
 # -------------------------------------------------------------------------------- attacker selection

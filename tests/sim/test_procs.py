@@ -17,7 +17,7 @@ import torch
 
 from p2pfl.errors import ConfigError
 from p2pfl.peers import settings as peer_settings
-from p2pfl.sim import engine, procs
+from p2pfl.sim import engine, faults, procs
 from p2pfl.sim import scenario as scenarios
 
 ROOT = Path(__file__).parents[2]
@@ -56,22 +56,26 @@ def test_fault_tables_from_toml(tmp_path):
                  'kill = [{peer = 3, at_round = 5, restart_after_s = 10}, {peer = 3, at_round = 8}]\n'
                  'delay = {peer = 2, ms = 200}\n')
     s = scenarios.load(f)
-    assert procs.kills(s) == [procs.Kill(3, 5, 10.0), procs.Kill(3, 8, None)]
-    assert procs.delays(s) == {2: 200.0}
+    assert faults.kills(s) == [faults.Kill(3, 5, 10.0), faults.Kill(3, 8, None)]
+    assert faults.delays(s) == {2: 200.0}
     assert s.to_dict()["delay"] == [{"peer": 2, "ms": 200}]
 
 
 def test_the_peer_toml_is_what_p2pfl_peer_loads(tmp_path):
-    s = scenarios.build({**FAST, "rounds": 3, "algorithm": "dfedsam", "hidden": [32, 16], "latency_ms": 5})
+    s = scenarios.build({**FAST, "rounds": 3, "algorithm": "dfedsam", "hidden": [32, 16], "latency_ms": 5,
+                         "aggregator": "centered_clip", "aggregator_params": {"tau": 2.5, "iterations": 3}, "f": 1})
     (tmp_path / "peer.toml").write_text(procs._toml(procs.peer_settings(s)))
     p = peer_settings.load(tmp_path / "peer.toml", {})
     assert (p.rounds, p.local_steps, p.step_timeout, p.hidden, p.rho, p.delay_ms, p.device, p.threads) == \
         (3, 20, 4.0, (32, 16), 0.05, 5.0, "cpu", 1)
+    # the rule's parameters travel too (procs used to refuse them), and so does the algorithm
+    assert (p.aggregator, p.aggregator_params, p.f, p.algorithm) == ("centered_clip", {"tau": 2.5, "iterations": 3}, 1,
+                                                                     "dfedsam")
     assert p.train_config() == s.train_config()
 
 
 def test_attackers_get_the_attack_flags_and_know_their_colluders(tmp_path):
-    from p2pfl.peers.attacker import choose_attackers
+    from p2pfl.sim.cast import choose_attackers
     from p2pfl.sim.engine import Setup
 
     s = scenarios.build({**FAST, "rounds": 3, "topology": "full", "aggregator": "median", "f": 1,

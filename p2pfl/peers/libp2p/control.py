@@ -10,7 +10,7 @@ exchange). The responder refuses (`refused` set in its reply) when `incompatibil
 difference or the caller is not on its allowlist; the initiator runs the same comparison on the
 reply, so a mismatch is found and logged on both sides. A refusal reply carries the reason only
 (`refusal`): a refused outsider learns nothing of the federation. Other message types (`link`,
-`unlink`, `bulk`) are requests the node answers. Decoding is strict and total: wrong types, non-str
+`bulk`) are requests the node or the transport answers. Decoding is strict and total: wrong types, non-str
 keys, unknown keys and oversize strings or lists raise `RemoteProtocolError` (counted by the
 caller), never another exception; text a peer supplied is escaped before it reaches a message.
 """
@@ -99,9 +99,9 @@ def incompatibility(ours: Hello, theirs: Hello) -> str | None:
     """None if the two peers may federate, else a sentence naming the first difference (what the
     other side sent is escaped and truncated: it goes into logs and refusal replies)."""
     if theirs.version != ours.version:
-        return f"protocol version differs: ours {ours.version}, theirs {printable(theirs.version)}"
+        return f"protocol version differs: ours {printable(ours.version)}, theirs {printable(theirs.version)}"
     if theirs.schema != ours.schema:
-        return f"model schema differs: ours {ours.schema}, theirs {printable(theirs.schema, 40)}"
+        return f"model schema differs: ours {printable(ours.schema, 40)}, theirs {printable(theirs.schema, 40)}"
     if theirs.config != ours.config:
         keys = sorted(set(ours.settings) | set(theirs.settings))
         diff = [f"{printable(k, 40)} ours {printable(repr(ours.settings.get(k)), 40)}, "
@@ -109,7 +109,7 @@ def incompatibility(ours: Hello, theirs: Hello) -> str | None:
                 for k in keys if ours.settings.get(k) != theirs.settings.get(k)]
         more = f"; +{len(diff) - 4} more" if len(diff) > 4 else ""
         return "config differs: " + ("; ".join(diff[:4]) + more if diff else
-                                     f"digest {ours.config} != {printable(theirs.config, 40)}")
+                                     f"digest {printable(ours.config, 40)} != {printable(theirs.config, 40)}")
     return None
 
 

@@ -56,7 +56,7 @@ from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.peers.libp2p import bulk, control
 from p2pfl.peers.libp2p.control import Hello
-from p2pfl.peers.libp2p.host import EndOfStream, make_host, read_exact, widen_receive_window
+from p2pfl.peers.libp2p.host import MAX_WINDOW_SIZE, EndOfStream, make_host, read_exact, widen_receive_window
 from p2pfl.peers.transport import LogThrottle, TransportStats
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,10 @@ class Libp2pTransport:
         self.stats.reject(reason)
         self._notify()
 
+    def notify(self) -> None:
+        """Wake `wait_until` waiters: something they wait on changed outside the transport (a link)."""
+        self._notify()
+
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait (no polling) until `predicate()` holds; it is re-checked whenever a frame, a
         rejection, a send result or a hello is recorded. Bound it with trio.fail_after."""
@@ -189,7 +193,9 @@ class Libp2pTransport:
         self._closed = True
         for ch in self._outboxes.values():
             ch.close()
-        await self._inbox_send.aclose()
+        # synchronous: an awaited close would raise Cancelled when the caller is being cancelled, and
+        # the host and nursery below would never be exited (trio then reports a misnested nursery)
+        self._inbox_send.close()
         await self._stack.aclose()   # no cancel scope around this: it exits the nursery we entered
 
     @property
@@ -245,6 +251,7 @@ class Libp2pTransport:
         except RemoteProtocolError as e:
             self._reject(e.reason)
             raise HelloRefused(f"{peer}: bad hello reply: {e}") from None
+        problem: str | None
         if theirs is None or theirs.refused is not None:   # (a hello with `refused` set: an older peer's refusal)
             problem, who = refused or printable(theirs.refused if theirs else ""), "refused us"
         else:
@@ -358,10 +365,6 @@ class Libp2pTransport:
             except Exception as e:
                 log.debug("%s: disconnect %s: %s", self.local_id, peer, _reason(e))
 
-    async def disconnect(self, peer: str) -> None:
-        self.peers.pop(peer, None)
-        await self._disconnect(peer)
-
     # -- model frames: send ------------------------------------------------------------------------
     async def send(self, peer: str, frame: Frame) -> bool:
         if self._closed or peer not in self.peers or self._nursery is None:
@@ -466,7 +469,8 @@ class Libp2pTransport:
             self._warn(peer, "early", "%s: model stream from %s before an accepted hello: reset", self.local_id, peer)
             await stream.reset()
             return
-        await widen_receive_window(stream)
+        # no wider than one frame we accept: a sender may have that much in flight, not 16 MiB
+        await widen_receive_window(stream, min(MAX_WINDOW_SIZE, self.max_frame_bytes))
         await self._read_frames(partial(read_exact, stream), peer)
         with trio.move_on_after(1):
             await stream.reset()
