@@ -137,7 +137,7 @@ class Node:
             check_rule(s.aggregator, planned, s.f, **s.aggregator_params)
         except ConfigError as e:
             raise ConfigError(f"aggregator: with {planned} planned neighbour(s): {e}") from None
-        config = PeerConfig(train=s.train_config(), algorithm=s.algorithm, algorithm_params=s.algorithm_params,
+        config = PeerConfig(train=s.train_config(), algorithm=s.algorithm_or_default, algorithm_params=s.algorithm_params,
                             gossip_steps=s.gossip_steps, aggregator=s.aggregator,
                             aggregator_params=s.aggregator_params, f=s.f,
                             step_timeout_s=s.step_timeout, eval_every=s.eval_every, seed=s.seed * 100_003 + i,
@@ -159,7 +159,7 @@ class Node:
             if ck.peer_id != self.identity.peer_id or ck.schema != self.schema:
                 raise ConfigError(f"resume: {s.resume} holds a checkpoint of another peer or model")
             if self.peer.trainer is None:
-                raise ConfigError(f"resume: algorithm {s.algorithm!r} keeps no checkpoint to resume from")
+                raise ConfigError(f"resume: algorithm {s.algorithm_or_default!r} keeps no checkpoint to resume from")
             ck.apply(self.peer.trainer)   # refuses (ConfigError) a checkpoint that does not fit, changing nothing
             self.peer.algorithm.model_loaded()   # x_i after the checkpointed round
             try:

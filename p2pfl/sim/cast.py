@@ -122,16 +122,12 @@ def check_scenario(s: Any) -> None:
     from p2pfl.robust import check_rule
 
     byz = choose_attackers(s.attackers, s.peers, s.seed)
-    if s.attack != "none" and s.attack not in craft.ATTACKS:
-        raise ConfigError(f"attack: unknown value {s.attack!r}; allowed: none, {', '.join(sorted(craft.ATTACKS))}")
+    params = s.attack_settings()   # the attack and its params, as every peer checks them
     if s.attack == "none":
         if byz:
             raise ConfigError(f"attackers: {len(byz)} attacker(s) but attack = 'none'; "
                               f"set attack to one of: {', '.join(sorted(craft.ATTACKS))}")
-        if s.attack_params:
-            raise ConfigError("attack_params: given, but attack = 'none'")
     else:
-        params = craft.check_attack(s.attack, s.attack_params)
         peer = params.get("peer")
         if isinstance(peer, str):
             raise ConfigError("attack_params.peer (mimic): in a scenario, give a peer index")

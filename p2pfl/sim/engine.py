@@ -150,7 +150,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     network = MemoryNetwork(wire=s.wire, latency_s=s.latency_ms / 1000, loss=s.loss, seed=s.seed)
     test = setup.tensors(test=True)
     peers: list[Peer] = []
-    config = PeerConfig(train=s.train_config(), algorithm=s.algorithm or "dfedavg",
+    config = PeerConfig(train=s.train_config(), algorithm=s.algorithm_or_default,
                         algorithm_params=s.algorithm_params, gossip_steps=s.gossip_steps, aggregator=s.aggregator,
                         aggregator_params=s.aggregator_params, f=s.f, step_timeout_s=s.step_timeout_s,
                         eval_every=s.eval_every)

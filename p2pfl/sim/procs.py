@@ -95,17 +95,13 @@ def _toml(values: dict[str, Any]) -> str:
 
 
 def peer_settings(s: Scenario) -> dict[str, Any]:
-    """The `p2pfl peer` keys every peer of the run shares (peer.toml)."""
-    u = s.local_update()
-    return {"rounds": s.rounds, "dataset": s.dataset, "partition": s.partition, "seed": s.seed, "model": s.model,
-            "hidden": list(s.hidden), "lr": s.lr, "lr_decay": s.lr_decay, "momentum": u["momentum"],
-            "weight_decay": s.weight_decay, "batch_size": s.batch_size, "local_epochs": s.local_epochs,
-            "local_steps": s.local_steps, "rho": u["rho"], "gossip_steps": s.gossip_steps,
-            "aggregator": s.aggregator, "aggregator_params": dict(s.aggregator_params), "f": s.f, "step_timeout": s.step_timeout_s, "eval_every": s.eval_every,
-            "device": "cpu", "threads": 1, "start_timeout": STARTUP_S, "delay_ms": s.latency_ms,
-            "algorithm": s.algorithm or "dfedavg", "algorithm_params": dict(s.algorithm_params),
-            # a plugin file is named relative to where the scenario was run: the peers start elsewhere
-            "plugins": [str(Path(p).resolve()) if p.endswith(".py") else p for p in s.plugins]}
+    """The `p2pfl peer` keys every peer of the run shares (peer.toml): the scenario's shared keys as
+    given (the attack goes only to the attackers, as flags: see _attack_argv), and the run's own."""
+    shared = {k: v for k, v in s.shared().items() if k not in ("attack", "attack_params")}
+    # a plugin file is named relative to where the scenario was run: the peers start elsewhere
+    shared["plugins"] = [str(Path(p).resolve()) if p.endswith(".py") else p for p in s.plugins]
+    return {**shared, "step_timeout": s.step_timeout_s, "device": "cpu", "threads": 1,
+            "start_timeout": STARTUP_S, "delay_ms": s.latency_ms}
 
 
 class _Tail:

@@ -66,12 +66,29 @@ def test_the_peer_toml_is_what_p2pfl_peer_loads(tmp_path):
                          "aggregator": "centered_clip", "aggregator_params": {"tau": 2.5, "iterations": 3}, "f": 1})
     (tmp_path / "peer.toml").write_text(procs._toml(procs.peer_settings(s)))
     p = peer_settings.load(tmp_path / "peer.toml", {})
-    assert (p.rounds, p.local_steps, p.step_timeout, p.hidden, p.rho, p.delay_ms, p.device, p.threads) == \
+    assert (p.rounds, p.local_steps, p.step_timeout, p.hidden, p.local_update()["rho"], p.delay_ms, p.device,
+            p.threads) == \
         (3, 20, 4.0, (32, 16), 0.05, 5.0, "cpu", 1)
     # the rule's parameters travel too (procs used to refuse them), and so does the algorithm
     assert (p.aggregator, p.aggregator_params, p.f, p.algorithm) == ("centered_clip", {"tau": 2.5, "iterations": 3}, 1,
                                                                      "dfedsam")
     assert p.train_config() == s.train_config()
+
+
+def test_every_shared_key_reaches_the_peers_unchanged(tmp_path):
+    """Scenario and PeerSettings share one schema (p2pfl.settings.LearningSettings); procs hands the
+    scenario's values through as given, except the attack, which only attackers get (as flags)."""
+    values = {"rounds": 7, "dataset": "synthetic", "partition": "classes:2", "seed": 11, "model": "cnn",
+              "hidden": [5, 3], "algorithm": "dfedavgm", "lr": 0.05, "lr_decay": 0.99, "momentum": 0.5,
+              "weight_decay": 1e-4, "batch_size": 7, "local_epochs": 1.5, "local_steps": 3, "rho": 0.01,
+              "gossip_steps": 2, "aggregator": "trimmed_mean", "f": 1, "eval_every": 2,
+              "plugins": ["p2pfl.algorithms"]}
+    s = scenarios.build({**FAST, **values})
+    (tmp_path / "peer.toml").write_text(procs._toml(procs.peer_settings(s)))
+    p = peer_settings.load(tmp_path / "peer.toml", {})
+    assert {k: v for k, v in p.shared().items() if k not in ("attack", "attack_params")} == \
+        {k: v for k, v in s.shared().items() if k not in ("attack", "attack_params")}
+    assert set(values) <= set(s.shared())
 
 
 def test_attackers_get_the_attack_flags_and_know_their_colluders(tmp_path):
