@@ -34,13 +34,14 @@ def _fail(message: str) -> None:
 def keygen(out: Path = typer.Option(..., "--out", help="file to write the Ed25519 private key to (mode 0600)"),
            force: bool = typer.Option(False, help="overwrite an existing file")) -> None:
     """Create a peer identity (libp2p Ed25519 key file) and print its peer ID."""
+    from p2pfl.files import save_identity
     from p2pfl.gossip.identity import Identity
 
     if out.exists() and not force:
         _fail(f"{out} exists; pass --force to replace it (its peer ID would be lost)")
     ident = Identity.generate()
     try:
-        ident.save(out)
+        save_identity(ident, out)
     except OSError as e:
         _fail(f"cannot write {out}: {e.strerror}")
     console.print(ident.peer_id, highlight=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from p2pfl.errors import ConfigError
+from p2pfl.gossip.identity import Identity
 
 
 def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
@@ -42,6 +43,34 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def save_identity(identity: Identity, path: str | Path) -> None:
+    """Write a peer's key file (libp2p's protobuf format, readable by ``libp2p.load_identity``), mode
+    0600 before any byte lands, atomically."""
+    atomic_write(path, identity.key_file_bytes(), mode=0o600)
+
+
+def load_identity(path: str | Path, *, owner_only: bool = False) -> Identity:
+    """Read a libp2p Ed25519 key file. ConfigError naming the path if it is missing, unreadable or
+    corrupt, and, with `owner_only` (a peer's own key), if group or others may read or write it, as
+    ssh refuses such a key: someone else may have copied it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)   # of the file we read, not of a later one
+            if owner_only and os.name != "nt" and mode & 0o077:  # Windows has no such mode bits
+                raise ConfigError(f"identity key file {str(path)!r} has mode {mode:04o}: group or others can "
+                                  f"access it; run `chmod 600 {path}`")
+            raw = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"identity key file {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read identity key file {str(path)!r}: {e}") from None
+    try:
+        return Identity.from_key_file_bytes(raw)
+    except ValueError as e:
+        raise ConfigError(f"identity key file {str(path)!r} is not a libp2p Ed25519 private key: {e}") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:

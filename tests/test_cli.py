@@ -97,6 +97,7 @@ def _checkpoint_dir(tmp_path, mutate):
 
     import torch
 
+    from p2pfl.files import save_identity
     from p2pfl.gossip.identity import Identity
     from p2pfl.learn.datasets import load_dataset
     from p2pfl.learn.models import ParamLayout, make_model
@@ -105,7 +106,7 @@ def _checkpoint_dir(tmp_path, mutate):
 
     d = tmp_path / "run"
     ident = Identity.generate()
-    ident.save(d / "peer.key")
+    save_identity(ident, d / "peer.key")
     data = load_dataset("digits", seed=0)
     model = make_model("mlp", data.input_shape, data.num_classes, hidden=(64,), seed=0)
     trainer = LocalTrainer(model, torch.zeros(1, *data.input_shape), torch.zeros(1, dtype=torch.long),
@@ -153,10 +154,11 @@ def test_peer_refuses_an_altered_checkpoint_in_one_line(tmp_path):
 
 
 def test_peer_refuses_a_key_file_others_can_read(tmp_path):
+    from p2pfl.files import save_identity
     from p2pfl.gossip.identity import Identity
 
     key = tmp_path / "peer.key"
-    Identity.generate().save(key)
+    save_identity(Identity.generate(), key)
     key.chmod(0o644)
     r = p2pfl("peer", "--key", key, "--out", tmp_path / "out", *PEER_ARGS)
     _one_line_error(r, f"identity key file '{key}' has mode 0644", f"run `chmod 600 {key}`")

@@ -17,21 +17,18 @@ The key file is the libp2p protobuf-serialized ``PrivateKey`` message, exactly w
     0x08 0x01 (KeyType = Ed25519) | 0x12 0x20 (Data, 32 bytes) | seed32
 
 py-libp2p stores the 32-byte RFC 8032 *seed* in Data (``bytes(nacl.signing.SigningKey)``), whereas
-go-/rust-libp2p store 64 bytes (seed || public key). ``Identity.load`` accepts both (checking that
-the embedded public key matches the seed); ``Identity.save`` writes the 32-byte form, which is the
-only one py-libp2p can read back.
+go-/rust-libp2p store 64 bytes (seed || public key). ``from_key_file_bytes`` accepts both (checking
+that the embedded public key matches the seed); ``key_file_bytes`` gives the 32-byte form, which is
+the only one py-libp2p can read back. Reading and writing key files (atomically, mode 0600, refusing
+a key others can read) is `p2pfl.files.save_identity` / `load_identity`.
 
-Invariants: the private key never appears in ``repr``; files are written atomically with mode
-0600; ``load(..., owner_only=True)`` (a peer's own key) refuses a file group or others can
-access. This module must not import trio or libp2p (gossip/ is sans-IO).
+Invariants: the private key never appears in ``repr``. This module does no I/O and imports
+neither trio nor libp2p (gossip/ is sans-IO).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import stat
-from pathlib import Path
 from typing import Final
 
 from cryptography.exceptions import InvalidSignature
@@ -39,7 +36,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
-from p2pfl.files import atomic_write
 
 __all__ = [
     "Identity",
@@ -236,40 +232,17 @@ class Identity:
     def __repr__(self) -> str:
         return f"Identity(peer_id={self._peer_id!r})"
 
-    # -- persistence ---------------------------------------------------------------------------
+    # -- the key file's bytes (reading and writing the file is p2pfl.files: gossip/ does no I/O) ----
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the key in libp2p's protobuf format (readable by ``libp2p.load_identity``), mode
-        0600, atomically: temp file in the same directory, fsync, rename, fsync the directory."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = _encode_private_key_message(self.private_bytes())
-        atomic_write(path, data, mode=0o600)
+    def key_file_bytes(self) -> bytes:
+        """The key in libp2p's protobuf format (what ``libp2p.load_identity`` reads). Secret."""
+        return _encode_private_key_message(self.private_bytes())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, owner_only: bool = False) -> Identity:
-        """Read a libp2p protobuf private-key file (ours, py-libp2p's, or go-libp2p's 64-byte
-        form). Raises `ConfigError` naming the path if it is missing, unreadable or corrupt, and,
-        with `owner_only` (a peer's own key), if group or others may read or write it, as ssh
-        refuses such a key: someone else may have copied it."""
-        path = Path(path)
-        try:
-            with open(path, "rb") as fh:
-                mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)   # of the file we read, not of a later one
-                if owner_only and os.name != "nt" and mode & 0o077:  # Windows has no such mode bits
-                    raise ConfigError(f"identity key file {str(path)!r} has mode {mode:04o}: group or others can "
-                                      f"access it; run `chmod 600 {path}`")
-                raw = fh.read()
-        except FileNotFoundError:
-            raise ConfigError(f"identity key file {str(path)!r} does not exist") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read identity key file {str(path)!r}: {e}") from None
-        try:
-            return cls(_private_key_from_message(raw))
-        except ValueError as e:
-            raise ConfigError(
-                f"identity key file {str(path)!r} is not a libp2p Ed25519 private key: {e}"
-            ) from None
+    def from_key_file_bytes(cls, raw: bytes) -> Identity:
+        """Parse a libp2p protobuf private key (ours, py-libp2p's, or go-libp2p's 64-byte form);
+        ValueError saying what is wrong."""
+        return cls(_private_key_from_message(raw))
 
 
 def _private_key_from_message(raw: bytes) -> Ed25519PrivateKey:

@@ -49,7 +49,7 @@ import torch
 import trio
 
 from p2pfl.errors import ConfigError, LocalProtocolError, printable
-from p2pfl.files import MetricsLog, write_json
+from p2pfl.files import MetricsLog, load_identity, save_identity, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.rounds import agreed_round
 from p2pfl.gossip.topology import mh_weight
@@ -81,17 +81,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_identity(s: PeerSettings) -> Identity:
+def identity_of(s: PeerSettings) -> Identity:
     """The peer's key, refused if group or others may read it (as ssh does); generated when absent."""
     if s.resume and s.key is None and (Path(s.resume) / "peer.key").exists():
-        return Identity.load(Path(s.resume) / "peer.key", owner_only=True)
+        return load_identity(Path(s.resume) / "peer.key", owner_only=True)
     if s.key is not None and Path(s.key).exists():
-        return Identity.load(s.key, owner_only=True)
+        return load_identity(s.key, owner_only=True)
     ident = Identity.generate()
     path = Path(s.key) if s.key is not None else Path(s.out) / "peer.key"
     if path.exists():
-        return Identity.load(path, owner_only=True)
-    ident.save(path)
+        return load_identity(path, owner_only=True)
+    save_identity(ident, path)
     return ident
 
 
@@ -116,7 +116,7 @@ class Node:
         self.device = resolve_device(s.device)
         if s.threads:
             torch.set_num_threads(s.threads)
-        self.identity = load_identity(s)
+        self.identity = identity_of(s)
         i, n = s.shard_index()
         rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
         data = load_dataset(s.dataset, seed=s.seed)

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from p2pfl.errors import P2PFLError
-from p2pfl.files import MetricsLog, write_json
+from p2pfl.files import MetricsLog, save_identity, write_json
 from p2pfl.gossip.topology import neighbors, spectral_gap
 from p2pfl.sim import cast as attacks
 from p2pfl.sim.cast import choose_attackers
@@ -381,7 +381,7 @@ def _peers(s: Scenario, out: Path, setup: Setup, ports: list[int],
         d.mkdir(exist_ok=True)
         for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
             (d / name).unlink(missing_ok=True)
-        ident.save(d / "peer.key")
+        save_identity(ident, d / "peer.key")
         argv = [sys.executable, "-m", "p2pfl.cli", "peer", "--config", str(out / "peer.toml"), "--out", str(d),
                 "--key", str(d / "peer.key"), "--shard", f"{i}/{s.peers}", "--listen", addrs[i],
                 "--neighbors", ",".join(f"{addrs[j]}/p2p/{ids[j]}" for j in nbrs[i])]

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
+from p2pfl.files import load_identity, save_identity
 from p2pfl.gossip.identity import (
     Identity,
     b58decode,
@@ -42,7 +43,7 @@ def test_peer_id_matches_libp2p_for_same_seed() -> None:
 def test_saved_file_loads_in_libp2p_with_same_id(tmp_path: Path) -> None:
     ident = Identity.generate()
     path = tmp_path / "node.key"
-    ident.save(path)
+    save_identity(ident, path)
     assert libp2p_peer_id(path) == ident.peer_id
     # byte-identical to what libp2p itself writes for this key
     assert path.read_bytes() == libp2p.create_identity_from_seed(ident.private_bytes()).private_key.serialize()
@@ -51,14 +52,14 @@ def test_saved_file_loads_in_libp2p_with_same_id(tmp_path: Path) -> None:
 def test_libp2p_saved_file_loads_with_ours(tmp_path: Path) -> None:
     path = tmp_path / "theirs.key"
     libp2p.save_identity(libp2p.generate_new_ed25519_identity(), path)
-    assert Identity.load(path).peer_id == libp2p_peer_id(path)
+    assert load_identity(path).peer_id == libp2p_peer_id(path)
 
 
 def test_go_libp2p_64_byte_key_loads(tmp_path: Path) -> None:
     ident = Identity.generate(SEED)
     path = tmp_path / "go.key"
     path.write_bytes(b"\x08\x01\x12\x40" + SEED + ident.public_bytes)
-    assert Identity.load(path).peer_id == ident.peer_id
+    assert load_identity(path).peer_id == ident.peer_id
 
 
 def test_save_is_0600_atomic_and_overwrites(tmp_path: Path) -> None:
@@ -67,16 +68,16 @@ def test_save_is_0600_atomic_and_overwrites(tmp_path: Path) -> None:
     path.write_bytes(b"old")
     os.chmod(path, 0o644)
     ident = Identity.generate()
-    ident.save(path)
+    save_identity(ident, path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert os.listdir(path.parent) == ["node.key"]  # no temp file left behind
-    assert Identity.load(path).peer_id == ident.peer_id
+    assert load_identity(path).peer_id == ident.peer_id
 
 
 def test_save_creates_parent_dirs(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "node.key"
-    Identity.generate(SEED).save(path)
-    assert Identity.load(path).peer_id == Identity.generate(SEED).peer_id
+    save_identity(Identity.generate(SEED), path)
+    assert load_identity(path).peer_id == Identity.generate(SEED).peer_id
 
 
 def test_seed_is_deterministic() -> None:
@@ -112,14 +113,14 @@ def test_corrupt_file_is_config_error(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.key"
     path.write_bytes(content)
     with pytest.raises(ConfigError, match="bad.key"):
-        Identity.load(path)
+        load_identity(path)
 
 
 def test_missing_file_and_directory_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.key"):
-        Identity.load(tmp_path / "nope.key")
+        load_identity(tmp_path / "nope.key")
     with pytest.raises(ConfigError, match=str(tmp_path.name)):
-        Identity.load(tmp_path)
+        load_identity(tmp_path)
 
 
 def test_sign_and_verify_from_peer_id_alone() -> None:

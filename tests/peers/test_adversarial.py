@@ -43,6 +43,7 @@ import trio
 from libp2p.peer.id import ID
 
 from p2pfl.errors import Reject
+from p2pfl.files import save_identity
 from p2pfl.gossip import codec
 from p2pfl.gossip.codec import Frame
 from p2pfl.gossip.identity import Identity
@@ -98,7 +99,7 @@ class Cluster:
 
     def _make(self, tmp: Path, i: int, n: int, settings: dict[str, Any]) -> Node:
         key = tmp / f"peer{i}.key"
-        ident(i).save(key)
+        save_identity(ident(i), key)
         s = PeerSettings(out=str(tmp / f"peer{i}"), key=str(key), listen=LOOPBACK, device="cpu", shard=f"{i}/{n}",
                          dataset="digits", threads=1, local_steps=2, start_timeout=LIMIT_S, **settings)
         node = Node(s, report=partial(self._report, i))

@@ -15,6 +15,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pfl.files import save_identity
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.rounds import agreed_round
 from p2pfl.peers.libp2p import Libp2pTransport
@@ -31,7 +32,7 @@ def ident(i: int) -> Identity:
 
 def make_node(tmp: Path, i: int, **settings) -> Node:
     key = tmp / f"peer{i}.key"
-    ident(i).save(key)
+    save_identity(ident(i), key)
     s = PeerSettings(out=str(tmp / f"peer{i}"), key=str(key), listen=LOOPBACK, device="cpu", rounds=2, **settings)
     return Node(s, report=lambda line: None)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from p2pfl.errors import ConfigError
-from p2pfl.files import MetricsLog
+from p2pfl.files import MetricsLog, load_identity, save_identity
 from p2pfl.gossip.identity import Identity
 from p2pfl.peers import checkpoint
 from p2pfl.peers.settings import PeerSettings, load
@@ -70,33 +70,33 @@ def test_metrics_log_refuses_what_is_not_a_regular_file(tmp_path):
 def test_a_key_others_can_access_is_refused_like_ssh_does(tmp_path, mode):
     key = tmp_path / "peer.key"
     ident = Identity.generate()
-    ident.save(key)
+    save_identity(ident, key)
     key.chmod(mode)
     with pytest.raises(ConfigError) as info:
-        Identity.load(key, owner_only=True)
+        load_identity(key, owner_only=True)
     assert str(info.value) == (f"identity key file {str(key)!r} has mode {mode:04o}: group or others can access it; "
                                f"run `chmod 600 {key}`")
-    assert Identity.load(key).peer_id == ident.peer_id       # a plain load (a library's choice) still reads it
+    assert load_identity(key).peer_id == ident.peer_id       # a plain load (a library's choice) still reads it
     key.chmod(0o600)
-    assert Identity.load(key, owner_only=True).peer_id == ident.peer_id
+    assert load_identity(key, owner_only=True).peer_id == ident.peer_id
 
 
 def test_the_node_loads_every_key_owner_only(tmp_path):
-    from p2pfl.peers.node import load_identity
+    from p2pfl.peers.node import identity_of
 
     key = tmp_path / "given.key"
-    Identity.generate().save(key)
+    save_identity(Identity.generate(), key)
     key.chmod(0o644)
     with pytest.raises(ConfigError, match="has mode 0644"):
-        load_identity(PeerSettings(out=str(tmp_path / "out"), key=str(key)))
+        identity_of(PeerSettings(out=str(tmp_path / "out"), key=str(key)))
     run = tmp_path / "run"
-    made = load_identity(PeerSettings(out=str(run)))               # generated: 0600, and read back as such
+    made = identity_of(PeerSettings(out=str(run)))               # generated: 0600, and read back as such
     assert stat.S_IMODE((run / "peer.key").stat().st_mode) == 0o600
-    assert load_identity(PeerSettings(out=str(run))).peer_id == made.peer_id
+    assert identity_of(PeerSettings(out=str(run))).peer_id == made.peer_id
     (run / "peer.key").chmod(0o644)
     for s in (PeerSettings(out=str(run)), PeerSettings(out=str(tmp_path / "new"), resume=str(run))):
         with pytest.raises(ConfigError, match="has mode 0644"):
-            load_identity(s)
+            identity_of(s)
 
 
 # -- an existing checkpoint in --out -----------------------------------------------------------------
