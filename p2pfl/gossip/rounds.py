@@ -8,14 +8,14 @@ exchange and answers the questions a driver needs, without any clock, socket or 
     tracker.receive(sender, t, q, value) a neighbour's vector arrived -> CURRENT | BUFFERED,
                                          or raises RemoteProtocolError with the reason
     tracker.complete                     every neighbour has been heard for the current step
-    tracker.finish(timed_out)            close the step -> {neighbour: value} in neighbour order
+    tracker.finish()                     close the step -> {neighbour: value} in neighbour order
 
 Invariants: steps are totally ordered by index t*Q + q. A frame for a later step is buffered
 (at most `buffer_per_neighbor` per neighbour, at most `max_ahead_rounds` rounds ahead); a frame for an
 earlier step is dropped as STALE; a second frame from the same sender for a step it already
-covered is REPLAYED; a sender that is not a neighbour is UNKNOWN_PEER. A neighbour that misses
-`suspect_after` deadlines in a row is reported by `suspects()` so the driver can replace it.
-The driver owns time: it decides when a deadline has passed and calls finish(timed_out=True).
+covered is REPLAYED; a sender that is not a neighbour is UNKNOWN_PEER. The driver owns time: it
+decides when a deadline has passed and calls finish(). Which neighbours to set aside
+for silence is `Suspicion`'s (per round, below).
 """
 
 from __future__ import annotations
@@ -37,16 +37,14 @@ class Arrival(enum.Enum):
 
 class StepTracker(Generic[V]):
     def __init__(self, neighbors: Iterable[str], *, steps_per_round: int = 1, max_ahead_rounds: int = 2,
-                 buffer_per_neighbor: int = 8, suspect_after: int = 3) -> None:
-        if steps_per_round < 1 or max_ahead_rounds < 0 or buffer_per_neighbor < 1 or suspect_after < 1:
+                 buffer_per_neighbor: int = 8) -> None:
+        if steps_per_round < 1 or max_ahead_rounds < 0 or buffer_per_neighbor < 1:
             raise LocalProtocolError("StepTracker limits must be positive")
         self.steps_per_round = steps_per_round
         self.max_ahead_steps = max(1, max_ahead_rounds) * steps_per_round
         self.buffer_per_neighbor = buffer_per_neighbor
-        self.suspect_after = suspect_after
         self.neighbors: list[str] = []
         self._last_seen: dict[str, int] = {}     # highest step index received per sender
-        self._misses: Counter[str] = Counter()   # consecutive missed deadlines per neighbour
         self._buffer: dict[int, dict[str, V]] = {}
         self._current = -1
         self._received: dict[str, V] = {}
@@ -111,20 +109,11 @@ class StepTracker(Generic[V]):
     def missing(self) -> list[str]:
         return [p for p in self.neighbors if p not in self._received]
 
-    def finish(self, timed_out: bool = False) -> dict[str, V]:
+    def finish(self) -> dict[str, V]:
         """Close the current step and hand over what arrived, in neighbour order."""
-        for p in self.neighbors:
-            if p in self._received:
-                self._misses[p] = 0
-            elif timed_out:
-                self._misses[p] += 1
         out = {p: self._received[p] for p in self.neighbors if p in self._received}
         self._received = {}
         return out
-
-    def suspects(self) -> list[str]:
-        """Neighbours that missed `suspect_after` deadlines in a row."""
-        return [p for p in self.neighbors if self._misses[p] >= self.suspect_after]
 
     def peer_round(self, sender: str) -> int:
         """The latest round seen from `sender` (-1 if none): lets a late joiner catch up."""
@@ -139,3 +128,41 @@ def agreed_round(claims: Iterable[int]) -> int:
     majority of its own neighbours vouched for, so a lie does not spread. -1 with no claims."""
     ordered = sorted(claims, reverse=True)
     return ordered[len(ordered) // 2] if ordered else -1
+
+
+class Suspicion:
+    """Which neighbours to set aside for silence (sans-IO: the driver tells it what each round saw).
+
+    A neighbour that delivered nothing for `after` rounds in a row is set aside for 2, 4, 8 ... up to
+    `max_rounds` rounds (doubling per offence), then gets one more chance: back on probation, one more
+    silent round sets it aside again for twice as long. Only a delivered frame clears a neighbour's
+    misses; nothing it says (a hello) does. A silent liar thus costs an honest peer one deadline per
+    backoff period, amortised to almost nothing, while a peer that restarted comes back."""
+
+    def __init__(self, after: int = 3, max_rounds: int = 64) -> None:
+        if after < 1 or max_rounds < 1:
+            raise LocalProtocolError("Suspicion limits must be positive")
+        self.after, self.max_rounds = after, max_rounds
+        self.misses: Counter[str] = Counter()    # rounds missed in a row
+        self.benched: dict[str, int] = {}         # set aside -> the round it may come back
+        self.offences: Counter[str] = Counter()   # times set aside
+
+    def round_done(self, t: int, neighbors: Iterable[str], missing: Iterable[str]) -> dict[str, int]:
+        """Round t is over; `missing` delivered nothing in it. Returns those set aside now, with the
+        number of rounds each is out for."""
+        gone, out = set(missing), {}
+        for p in neighbors:
+            self.misses[p] = self.misses[p] + 1 if p in gone else 0
+            if self.misses[p] >= self.after and p not in self.benched:
+                self.offences[p] += 1
+                out[p] = min(2 ** self.offences[p], self.max_rounds)
+                self.benched[p] = t + 1 + out[p]
+        return out
+
+    def release(self, round_: int) -> list[str]:
+        """Before running `round_`: those whose time is up, back on probation."""
+        back = [p for p, until in self.benched.items() if until <= round_]
+        for p in back:
+            del self.benched[p]
+            self.misses[p] = self.after - 1
+        return back

@@ -122,9 +122,8 @@ class MemoryTransport:
         net = self.network
         if isinstance(item, (bytes, bytearray)):
             self.stats.bytes_received += len(item)
-            frame = codec.decode(item, schema=net.schema, max_frame_bytes=self.max_frame_bytes)
-            if frame.sender != sender:
-                raise RemoteProtocolError(Reject.FORGED_SENDER, f"frame claims {frame.sender}", sender)
+            # peer=: a frame claiming another sender is FORGED_SENDER, as over libp2p
+            frame = codec.decode(item, schema=net.schema, max_frame_bytes=self.max_frame_bytes, peer=sender)
         else:
             assert isinstance(item, Frame)
             frame = item

@@ -2,27 +2,15 @@
 
 Theory of operation
 -------------------
-`Node` owns a `Libp2pTransport`, a `Peer`, and three background jobs:
-- bootstrap: dial each `--bootstrap` address until it answers (exponential backoff; the first
-  failure is reported in one line, the rest quietly); a hello that is refused is final.
-- membership: every accepted hello (ours or theirs) brings the other side's known peers (peer
-  exchange); we dial those we do not know yet, within the budgets and address checks of
-  `exchange.DialPolicy` (no own, out-of-scope or DNS addresses, rate-limited), and every `refresh_s` we re-hello the neighbours
-  (to learn their round and notice restarts) and redial wanted ones that are gone. While a wanted
-  neighbour is missing (an explicit one we have no hello from, or fewer links than `degree`), the
-  refresh re-hellos every accepted peer, bootstrap peers included: two peers that joined the same
-  bootstrap at the same moment are missing from each other's hello replies, and only a later
-  hello tells them about each other. With nothing missing only the neighbours are re-helloed.
-- neighbour selection: with `--neighbors` the set is fixed, and each hello carries the sender's
-  degree, so we mix with Metropolis-Hastings weights as the simulator does; otherwise we ask
-  known peers for a link (`link` control request) until we have `degree`, in an order both sides
-  agree on (a hash of the pair and the seed), accept up to degree + 2 incoming requests, and mix
-  uniformly (degrees still change).
+`Node` owns a `Libp2pTransport`, a `Peer`, and three background jobs: bootstrap, membership (peer
+exchange and refresh) and neighbour selection. Those are the `Membership` layer that `Node`
+inherits (membership.py: how peers are found, linked, set aside and taken back); this module is
+the process around them: settings, data and model, checkpoints, the round loop, signals, metrics
+and the summary.
 The round loop runs `peer.train(1)` per round. Before each round it applies neighbour changes
-(a neighbour that missed SUSPECT_AFTER rounds in a row is set aside for 2, 4, 8 ... 64 rounds, then
-gets one more chance; a hello does not clear its misses, only a delivered frame does, and while set
-aside it cannot take a link slot back), jumps ahead when a majority of its neighbours are further on
-(`agreed_round`: a late joiner or a restarted peer catches up, a liar's claim alone moves nothing), then
+(who is set aside, and when it comes back: membership.py), jumps ahead when a majority of its
+neighbours are further on (`agreed_round` over the neighbours' round claims: a late joiner or a
+restarted peer catches up, a liar's claim alone moves nothing), then
 trains, logs the round event and writes the checkpoint. With `attack` set the peer is an
 `AttackerPeer` in its local view (it crafts from what its own neighbours send it, sparing the
 `colluders`); it is not evaluated, writes no checkpoint (its trainer may be a stand-in) and its
@@ -34,12 +22,9 @@ at scrape time, from its own thread, for as long as `main` runs.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
 import signal
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,29 +33,22 @@ import numpy as np
 import torch
 import trio
 
-from p2pfl.errors import ConfigError, LocalProtocolError, printable
+from p2pfl.errors import ConfigError, LocalProtocolError
 from p2pfl.files import MetricsLog, load_identity, save_identity, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.rounds import agreed_round
-from p2pfl.gossip.topology import mh_weight
 from p2pfl.learn.datasets import load_dataset
 from p2pfl.learn.models import ParamLayout, make_model
 from p2pfl.learn.partition import partition
 from p2pfl.peers import checkpoint
 from p2pfl.peers.exchange import DialPolicy
-from p2pfl.peers.libp2p import Hello, HelloRefused, Libp2pTransport
+from p2pfl.peers.libp2p import Hello, Libp2pTransport
+from p2pfl.peers.membership import SUSPECT_AFTER as SUSPECT_AFTER  # (re-exported: tests import it from here)
+from p2pfl.peers.membership import Membership, _peer_of
 from p2pfl.peers.metrics import PeerMetrics, Snapshot
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.settings import PeerSettings
-from p2pfl.peers.transport import LogThrottle
 from p2pfl.robust import check_rule
-
-log = logging.getLogger(__name__)
-
-SUSPECT_AFTER = 3        # rounds missed in a row before a neighbour is set aside
-MAX_BENCH_ROUNDS = 64    # the longest a silent neighbour is set aside (it doubles per offence up to this)
-REFRESH_S = 5.0          # re-hello period
-BACKOFF_MAX_S = 30.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,11 +82,7 @@ def _read_lines(path: str, what: str) -> list[str]:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
 
 
-def _peer_of(addr: str) -> str:
-    return addr.rsplit("/p2p/", 1)[1] if "/p2p/" in addr else addr
-
-
-class Node:
+class Node(Membership):
     def __init__(self, s: PeerSettings, report: Callable[[str], None] = print) -> None:
         self.s, self.report = s, report
         self.out = Path(s.out)
@@ -172,17 +146,8 @@ class Node:
             raise ConfigError(f"out: {self.out / checkpoint.FILENAME} exists; continue it with --resume {self.out} "
                               "or start over with --fresh (overwrites it)")
         self._last_snapshot: bytes | None = None
-        self.transport.degree = len(self.explicit)   # a fixed overlay advertises its degree: MH weights
-        self.links: set[str] = set(self.explicit)
-        self.misses: Counter[str] = Counter()    # rounds missed in a row; only a delivered frame resets it
-        self.benched: dict[str, int] = {}         # set-aside neighbour -> the round it may come back
-        self.offences: Counter[str] = Counter()   # times each peer was set aside: the backoff doubles
-        self.dialing: set[str] = set()
+        self._init_membership()
         self.stopping = False
-        self.refresh_s = REFRESH_S
-        # the scope (loopback or not) is known now; the ports once we listen, when it is replaced
-        self.exchange = DialPolicy(self.identity.peer_id, s.listen, allow_dns=s.peer_exchange_dns)
-        self._throttle = LogThrottle(log)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.prometheus = PeerMetrics(self.identity.peer_id, self.snapshot) if s.metrics_port else None
         self._accuracy: float | None = None
@@ -193,8 +158,6 @@ class Node:
         self.first_round = self.peer.round
         self._train_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
-        self.transport.on_hello = self._on_hello
-        self.transport.on_control = self._on_control
 
     # -- entry point ------------------------------------------------------------------------------
     async def main(self) -> dict[str, Any]:
@@ -280,12 +243,6 @@ class Node:
                     await trio.to_thread.run_sync(checkpoint.write, self.out, self._last_snapshot)
             self.report(self._round_line)   # progress, once the round is durable
 
-    def _round_claims(self) -> dict[str, int]:
-        """Each neighbour's round: the later of its last accepted frame's and its last hello's claim."""
-        hellos = self.transport.peers
-        return {p: max(self.peer.tracker.peer_round(p), hellos[p].round if p in hellos else -1)
-                for p in self.peer.tracker.neighbors}
-
     def _on_round(self, event: dict[str, Any]) -> None:
         event = {**event, "neighbors": len(self.peer.tracker.neighbors)}
         self.events.append(event)
@@ -294,159 +251,9 @@ class Node:
         self._wait_s_total += event["wait_s"]
         self.metrics.write(event)
         self.metrics.flush()
-        for p in self.peer.tracker.neighbors:
-            self.misses[p] = self.misses[p] + 1 if p in event["missing"] else 0
-            if self.misses[p] >= SUSPECT_AFTER and p not in self.benched:
-                self.offences[p] += 1
-                rounds = min(2 ** self.offences[p], MAX_BENCH_ROUNDS)
-                self.benched[p] = event["round"] + 1 + rounds
-                log.info("neighbour %s missed %d rounds in a row: set aside for %d rounds", p, self.misses[p], rounds)
+        self._count_misses(event)
         acc = f", accuracy {event['accuracy']:.3f}" if "accuracy" in event else ""
         self._round_line = f"round {event['round'] + 1}/{self.s.rounds} done: {event['received']} received{acc}"
-
-    def _active(self) -> set[str]:
-        return {p for p in self.links if p in self.transport.peers and p not in self.benched}
-
-    def _apply_neighbors(self) -> None:
-        for p, until in list(self.benched.items()):
-            if until <= self.peer.round:   # back on probation: one more missed round sets it aside again
-                del self.benched[p]
-                self.misses[p] = SUSPECT_AFTER - 1
-        self._prune_links()
-        active = self._active()
-        if active != set(self.peer.tracker.neighbors):
-            log.info("neighbours: %s", sorted(active))
-            self.peer.set_neighbors({p: self._weight(p) for p in sorted(active)})
-            self.transport.degree = len(self.explicit) or len(active)
-
-    def _weight(self, p: str) -> float | None:
-        """W_ij on a fixed overlay: Metropolis-Hastings 1 / (1 + max(d_i, d_j)), with d_j from p's
-        hello; it sums to < 1 over any subset of neighbours, so W_ii = 1 - sum stays > 0. None
-        (uniform 1 / (active + 1)) when neighbours are picked at run time and degrees still change."""
-        d_j = self.transport.peers[p].degree if p in self.transport.peers else 0
-        return float(mh_weight(len(self.explicit), d_j)) if self.explicit and d_j > 0 else None
-
-    # -- membership ---------------------------------------------------------------------------------
-    def _on_hello(self, peer: str, hello: Hello) -> None:
-        # A hello proves nothing about a neighbour's frames (a silent liar can say hello every second,
-        # and our own re-hellos get replies): only a delivered frame clears its missed rounds.
-        if self._nursery is None:
-            return
-        known = self.dialing | set(self.transport.peers)
-        addrs = [a for a in hello.peers if not self.explicit or _peer_of(a) in self.explicit]
-        for addr, other in self.exchange.pick(peer, addrs, time.monotonic(), known):
-            self.dialing.add(other)
-            self._nursery.start_soon(self._dial_once, addr, other)
-        if not self.explicit and peer not in self.links and peer not in self.benched and \
-                len(self.links) < self.s.degree:
-            self._nursery.start_soon(self._ask_link, peer)
-        if self.peer.round == self.first_round and self._train_scope is not None and self.peer.tracker.current[0] < 0:
-            self._apply_neighbors()    # before round 0, neighbours join at once
-
-    async def _dial_once(self, addr: str, peer: str) -> None:
-        try:
-            await self.transport.connect(addr)
-        except (ConnectionError, HelloRefused, ConfigError) as e:
-            self._throttle.warning(("dial", peer), "peer exchange: cannot reach %s: %s", printable(addr),
-                                   printable(str(e), 200))
-        finally:
-            self.dialing.discard(peer)
-
-    async def _bootstrap(self, addr: str) -> None:
-        delay, reported = 1.0, False
-        while True:
-            try:
-                await self.transport.connect(addr)
-                if reported:
-                    self.report(f"bootstrap {addr}: connected")
-                return
-            except HelloRefused as e:
-                self.report(f"bootstrap {addr}: refused: {e}")
-                return
-            except ConfigError as e:
-                self.report(f"bootstrap {addr}: {e}")
-                return
-            except ConnectionError as e:
-                if not reported:
-                    self.report(f"bootstrap {addr}: unreachable ({e}); retrying with backoff up to "
-                                f"{BACKOFF_MAX_S:.0f} s")
-                    reported = True
-            await trio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX_S)
-
-    async def _maintain(self) -> None:
-        while True:
-            await trio.sleep(self.refresh_s)
-            await self._refresh()
-
-    def _prune_links(self) -> None:
-        """Free the slots of picked links that cannot be neighbours: set aside (silent), or no longer
-        accepted (a later hello was refused: such a peer never misses a round, so silence alone
-        would never free its slot)."""
-        for p in [p for p in self.links if p not in self.explicit and
-                  (p in self.benched or p not in self.transport.peers)]:
-            self.links.discard(p)
-
-    def _missing(self) -> bool:
-        """A wanted neighbour is missing: an explicit one we have no hello from, or too few links."""
-        if self.explicit:
-            return any(p not in self.transport.peers for p in self.explicit)
-        self._prune_links()
-        return len(self.links) < self.s.degree
-
-    async def _refresh(self) -> None:
-        """One maintenance pass: re-hello (peer exchange rides on the replies), then ask for links."""
-        targets = set(self.links)
-        if self._missing():   # someone may know the missing peer now: ask everyone, not just the links
-            targets |= set(self.transport.peers)
-        for p in sorted(targets):
-            try:
-                await self.transport.hello(p)
-            except (ConnectionError, HelloRefused) as e:
-                log.debug("refresh %s: %s", p, e)
-        if not self.explicit and len(self.links) < self.s.degree:
-            for p in self._candidates():
-                if len(self.links) >= self.s.degree:
-                    break
-                await self._ask_link(p)
-
-    def _candidates(self) -> list[str]:
-        me = self.identity.peer_id
-
-        def rank(p: str) -> bytes:
-            pair = "|".join(sorted((me, p)))
-            return hashlib.blake2b(f"{self.s.seed}|{pair}".encode(), digest_size=8).digest()
-        return sorted((p for p in self.transport.peers if p not in self.links and p not in self.benched), key=rank)
-
-    async def _ask_link(self, peer: str) -> None:
-        self._prune_links()
-        if peer in self.links or peer in self.benched or len(self.links) >= self.s.degree:
-            return
-        try:
-            reply = await self.transport.request(peer, {"t": "link"})
-        except Exception as e:
-            log.debug("link %s: %s", peer, e)
-            return
-        if reply.get("ok") is True and peer in self.transport.peers and peer not in self.benched:
-            self.links.add(peer)
-            if self.peer.tracker.current[0] < 0:
-                self._apply_neighbors()
-            self.transport.notify()   # round 0 may be waiting for this link
-
-    async def _on_control(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
-        if msg["t"] == "link":
-            # a set-aside peer cannot take a slot back before its time is up: identities that send
-            # nothing cannot hold all our slots against peers that do
-            self._prune_links()
-            ok = not self.explicit and peer not in self.benched and \
-                (peer in self.links or len(self.links) < self.s.degree + 2)
-            if ok:
-                self.links.add(peer)
-                if self.peer.tracker.current[0] < 0:
-                    self._apply_neighbors()
-                self.transport.notify()   # round 0 may be waiting for this link
-            return {"t": "link", "ok": ok}
-        return {"t": "error", "error": f"unknown request {msg['t']!r}"}
 
     # -- metrics ------------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:

@@ -239,16 +239,16 @@ class Peer:
                 await self.transport.send(nb, Frame(kind=kind, sender=self.id, round=t, step=q, schema=self.schema,
                                                     dtype=self.payloads[kind].dtype,
                                                     payload=tensor.detach().cpu().numpy()))
-        timed_out, waited = False, 0.0
+        waited = 0.0
         if not self.tracker.complete:
             start = trio.current_time()
             with trio.move_on_after(self.config.step_timeout_s) as scope:
                 await self._step_done.wait()
             if scope.cancelled_caught and self.settle is not None:
                 await self.settle()
-            timed_out, waited = not self.tracker.complete, trio.current_time() - start
+            waited = trio.current_time() - start
         missing = self.tracker.missing()
-        received = {p: {kind: value} for p, (kind, value) in self.tracker.finish(timed_out).items()}
+        received = {p: {kind: value} for p, (kind, value) in self.tracker.finish().items()}
         info: Event = {"received": len(received), "missing": missing, "wait_s": waited}
         if received:
             info.update(await self._compute(self.combine, t, q, received))

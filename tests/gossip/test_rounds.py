@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.errors import LocalProtocolError, Reject, RemoteProtocolError
-from p2pfl.gossip.rounds import Arrival, StepTracker
+from p2pfl.gossip.rounds import Arrival, StepTracker, Suspicion
 
 NB = ["a", "b", "c"]
 
@@ -26,17 +26,26 @@ def test_step_completes_when_all_neighbours_heard():
     assert list(tr.finish().items()) == [("a", 1), ("b", 2), ("c", 3)]  # neighbour order, not arrival
 
 
-def test_deadline_finishes_with_what_arrived_and_counts_misses():
-    tr = StepTracker(NB, suspect_after=2)
+def test_deadline_finishes_with_what_arrived():
+    tr = StepTracker(NB)
     for t in range(2):
         tr.begin(t, 0)
         tr.receive("a", t, 0, t)
-        assert tr.finish(timed_out=True) == {"a": t}
-    assert tr.suspects() == ["b", "c"]
-    tr.begin(2, 0)
-    tr.receive("b", 2, 0, 0)
-    tr.finish(timed_out=True)
-    assert tr.suspects() == ["c"]  # b answered again: its streak resets
+        assert tr.missing() == ["b", "c"]
+        assert tr.finish() == {"a": t}
+
+
+def test_silent_neighbours_are_set_aside_with_a_doubling_backoff():
+    s = Suspicion(after=2, max_rounds=8)
+    assert s.round_done(0, NB, ["b", "c"]) == {}
+    assert s.round_done(1, NB, ["c"]) == {"c": 2}        # c: two in a row -> out for 2 rounds
+    assert s.misses["b"] == 0 and s.benched == {"c": 4}  # b delivered: its streak reset
+    assert s.release(3) == [] and s.release(4) == ["c"]
+    assert s.round_done(4, NB, ["c"]) == {"c": 4}        # on probation: one more miss, twice as long
+    for expected in (8, 8):                               # 2**3, then 2**4 capped at max_rounds
+        until = s.benched["c"]
+        s.release(until)
+        assert s.round_done(until, NB, ["c"]) == {"c": expected}
 
 
 def test_later_frames_are_buffered_and_delivered_at_their_step():
@@ -44,12 +53,12 @@ def test_later_frames_are_buffered_and_delivered_at_their_step():
     tr.begin(0, 0)
     assert tr.receive("a", 0, 1, "early") is Arrival.BUFFERED
     assert tr.receive("a", 1, 0, "earlier still") is Arrival.BUFFERED
-    tr.finish(timed_out=True)
+    tr.finish()
     tr.begin(0, 1)
     assert tr.missing() == ["b", "c"]
-    assert tr.finish(timed_out=True) == {"a": "early"}
+    assert tr.finish() == {"a": "early"}
     tr.begin(1, 0)
-    assert tr.finish(timed_out=True) == {"a": "earlier still"}
+    assert tr.finish() == {"a": "earlier still"}
 
 
 def test_rejections_have_reasons():
@@ -85,7 +94,7 @@ def test_neighbour_change_drops_removed_peer_state():
     tr.receive("b", 1, 0, 1)
     tr.set_neighbors(["c", "d"])
     assert tr.missing() == ["c", "d"]
-    tr.finish(timed_out=True)
+    tr.finish()
     tr.begin(1, 0)
     assert tr.missing() == ["c", "d"]
 
@@ -109,7 +118,7 @@ def test_any_interleaving_keeps_invariants(arrivals, start):
             assert isinstance(e.reason, Reject)
         if tr.complete or len(accepted) % 3 == 0:
             cur = divmod(step, 2)
-            got = tr.finish(timed_out=True)
+            got = tr.finish()
             assert all(v[1:] == cur and v[0] == k for k, v in got.items())
             delivered += got.values()
             step += 1

@@ -13,13 +13,17 @@ import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_libp2p import LIMIT_S, SCHEMA, _frame_bytes, ident, started, transport
 
 from p2pfl.errors import Reject, RemoteProtocolError
 from p2pfl.gossip import codec
 from p2pfl.gossip.codec import Frame
 from p2pfl.peers.libp2p import bulk
 from p2pfl.peers.libp2p.host import EndOfStream
+from p2pfl.testing.transports import LIMIT_S, started
+from p2pfl.testing.transports import MODEL_SCHEMA as SCHEMA
+from p2pfl.testing.transports import frame_bytes as _frame_bytes
+from p2pfl.testing.transports import identity as ident
+from p2pfl.testing.transports import libp2p_transport as transport
 
 KEY = bytes(range(32))
 
@@ -264,7 +268,7 @@ def test_a_bulk_ticket_needs_an_accepted_hello():
 def test_a_receive_buffer_is_reused_only_once_no_view_of_its_payload_is_left():
     import gc
 
-    from p2pfl.peers.libp2p.transport import _BufferPool
+    from p2pfl.peers.libp2p.frame_path import _BufferPool
     pool = _BufferPool(keep=4, max_bytes=1 << 20)
     prefix = _frame_bytes(ident(1), n=1000)
     buf = codec.frame_buffer(prefix[:8], max_frame_bytes=1 << 20, alloc=pool.take)

@@ -9,11 +9,13 @@ from contextlib import AsyncExitStack
 import msgpack
 import pytest
 import trio
-from test_libp2p import LIMIT_S, SCHEMA, SETTINGS, started, transport
 
 from p2pfl.errors import Reject, RemoteProtocolError, printable
 from p2pfl.peers.libp2p import Hello, HelloRefused, bulk, control
 from p2pfl.peers.transport import LogThrottle
+from p2pfl.testing.transports import LIMIT_S, SETTINGS, started
+from p2pfl.testing.transports import MODEL_SCHEMA as SCHEMA
+from p2pfl.testing.transports import libp2p_transport as transport
 
 HELLO = Hello(schema=SCHEMA, settings=SETTINGS, round=3, addrs=("/ip4/127.0.0.1/tcp/1",)).to_wire()
 

@@ -12,30 +12,16 @@ import torch
 import trio
 
 from p2pfl.errors import Reject
-from p2pfl.gossip import codec
-from p2pfl.gossip.identity import Identity
 from p2pfl.learn.models import flatten, make_model
 from p2pfl.learn.train import TrainConfig
-from p2pfl.peers.libp2p import MODEL_PROTOCOL, Hello, HelloRefused, Libp2pTransport
+from p2pfl.peers.libp2p import HelloRefused
 from p2pfl.peers.peer import Peer, PeerConfig
-
-SCHEMA = make_model("mlp", (6,), 2, hidden=(8,), seed=0) and \
-    Peer.__init__.__globals__["ParamLayout"].of(make_model("mlp", (6,), 2, hidden=(8,), seed=0)).schema
-SETTINGS = {"gossip_steps": 1, "aggregator": "mixing"}
-LIMIT_S = 30
-
-
-def ident(i: int) -> Identity:
-    return Identity.generate(bytes([i + 1]) * 32)
-
-
-def transport(i: int, *, schema: str = SCHEMA, settings: dict | None = None, **kw) -> Libp2pTransport:
-    return Libp2pTransport(ident(i), Hello(schema=schema, settings=settings or SETTINGS), **kw)
-
-
-async def started(stack: AsyncExitStack, *ts: Libp2pTransport) -> None:
-    for t in ts:
-        await stack.enter_async_context(t)
+from p2pfl.testing.transports import LIMIT_S, SETTINGS, started
+from p2pfl.testing.transports import MODEL_SCHEMA as SCHEMA
+from p2pfl.testing.transports import frame_bytes as _frame_bytes
+from p2pfl.testing.transports import identity as ident
+from p2pfl.testing.transports import libp2p_transport as transport
+from p2pfl.testing.transports import raw_model_stream as _raw_stream
 
 
 @pytest.mark.parametrize("q", [1, 3])
@@ -81,16 +67,6 @@ def test_three_peers_over_libp2p_converge(q):
     assert min(last) > 0.8
     assert all(t.stats.frames_sent == 2 * rounds * q and t.stats.frames_received == 2 * rounds * q for t in ts)
     assert all(not t.stats.rejected for t in ts)
-
-
-def _frame_bytes(sender: Identity, round_: int = 0, n: int = 100) -> bytes:
-    return b"".join(codec.encode(sender, kind="model", round=round_, step=0, schema=SCHEMA,
-                                 payload=np.ones(n, dtype=np.float32)))
-
-
-async def _raw_stream(src: Libp2pTransport, dst: Libp2pTransport):
-    from libp2p.peer.id import ID
-    return await src.host.new_stream(ID.from_base58(dst.local_id), [MODEL_PROTOCOL])
 
 
 def test_forged_truncated_oversize_and_stalled_frames_are_rejected_and_counted():

@@ -13,8 +13,6 @@ import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_libp2p import LIMIT_S, SCHEMA, ident, started, transport
-from test_peer import make_peers
 
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import codec, payloads
@@ -24,6 +22,10 @@ from p2pfl.learn.models import flatten
 from p2pfl.learn.train import TrainConfig
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import PeerConfig
+from p2pfl.testing.transports import LIMIT_S, make_peers, started
+from p2pfl.testing.transports import MODEL_SCHEMA as SCHEMA
+from p2pfl.testing.transports import identity as ident
+from p2pfl.testing.transports import libp2p_transport as transport
 
 SPEC = {"model": PayloadSpec("f32", 100)}
 
@@ -211,7 +213,7 @@ def test_a_frame_larger_than_any_payload_is_refused_before_its_body():
 
 
 def test_the_buffer_pool_is_bounded_in_count_and_bytes():
-    from p2pfl.peers.libp2p.transport import _BufferPool
+    from p2pfl.peers.libp2p.frame_path import _BufferPool
 
     pool = _BufferPool(keep=4, max_bytes=10_000)
     for n in (4000, 4000, 4000, 3000, 20_000):

@@ -1,0 +1,250 @@
+"""`Membership`: how a `Node` (node.py) finds peers, picks its neighbours, and sets silent ones
+aside.
+
+Theory of operation
+-------------------
+Three background jobs (`Node.main` starts them):
+- bootstrap: dial each `--bootstrap` address until it answers (exponential backoff; the first
+  failure is reported in one line, the rest quietly); a hello that is refused is final.
+- membership: every accepted hello (ours or theirs) brings the other side's known peers (peer
+  exchange); we dial those we do not know yet, within the budgets and address checks of
+  `exchange.DialPolicy` (no own, out-of-scope or DNS addresses, rate-limited), and every `refresh_s` we re-hello the neighbours
+  (to learn their round and notice restarts) and redial wanted ones that are gone. While a wanted
+  neighbour is missing (an explicit one we have no hello from, or fewer links than `degree`), the
+  refresh re-hellos every accepted peer, bootstrap peers included: two peers that joined the same
+  bootstrap at the same moment are missing from each other's hello replies, and only a later
+  hello tells them about each other. With nothing missing only the neighbours are re-helloed.
+- neighbour selection: with `--neighbors` the set is fixed, and each hello carries the sender's
+  degree, so we mix with Metropolis-Hastings weights as the simulator does; otherwise we ask
+  known peers for a link (`link` control request) until we have `degree`, in an order both sides
+  agree on (a hash of the pair and the seed), accept up to degree + 2 incoming requests, and mix
+  uniformly (degrees still change).
+Before each round the node applies neighbour changes (`_apply_neighbors`; before round 0 they
+apply at once, as hellos and links arrive): a neighbour that missed SUSPECT_AFTER rounds in a row
+is set aside for 2, 4, 8 ... 64 rounds, then gets one more chance; a hello does not clear its
+misses, only a delivered frame does, and while set aside it cannot take a link slot back. A
+picked link that is set aside or no longer accepted frees its slot. The round each neighbour
+claims (`_round_claims`: the later of its last accepted frame's and its last hello's) is what the
+node's catch-up goes by.
+
+`Membership` is a mixin of `Node` rather than a part the node holds: membership and the round
+loop work on the same state both ways (the round event counts misses, the round loop reads the
+active neighbours and their claims, a link or hello sets the peer's neighbours before round 0),
+and tests and tools set node attributes (`s`, `refresh_s`, `_nursery`) that membership must see.
+The class declares what it uses of the node; `_init_membership` sets up its own state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from p2pfl.errors import ConfigError, printable
+from p2pfl.gossip.identity import Identity
+from p2pfl.gossip.rounds import Suspicion
+from p2pfl.gossip.topology import mh_weight
+from p2pfl.peers.exchange import DialPolicy
+from p2pfl.peers.libp2p import Hello, HelloRefused, Libp2pTransport
+from p2pfl.peers.peer import Peer
+from p2pfl.peers.settings import PeerSettings
+from p2pfl.peers.transport import LogThrottle
+
+# the node's logger: membership is part of the node, and log settings select it by this name
+log = logging.getLogger("p2pfl.peers.node")
+
+SUSPECT_AFTER = 3        # rounds missed in a row before a neighbour is set aside
+MAX_BENCH_ROUNDS = 64    # the longest a silent neighbour is set aside (it doubles per offence up to this)
+REFRESH_S = 5.0          # re-hello period
+BACKOFF_MAX_S = 30.0
+
+
+def _peer_of(addr: str) -> str:
+    return addr.rsplit("/p2p/", 1)[1] if "/p2p/" in addr else addr
+
+
+class Membership:
+    """Peers, links and set-aside neighbours of a `Node` (not usable on its own)."""
+
+    s: PeerSettings
+    report: Callable[[str], None]
+    identity: Identity
+    transport: Libp2pTransport
+    peer: Peer
+    explicit: set[str]              # the fixed neighbours (--neighbors); empty: picked at run time
+    first_round: int
+    _train_scope: trio.CancelScope | None   # set once the node waits for its first round
+    _nursery: trio.Nursery | None   # where dials and link requests run while the node runs
+
+    def _init_membership(self) -> None:
+        """Set up membership's state and take the transport's hellos and control requests (the
+        node calls this once `explicit`, `identity` and `transport` exist)."""
+        self.transport.degree = len(self.explicit)   # a fixed overlay advertises its degree: MH weights
+        self.links: set[str] = set(self.explicit)
+        self.suspicion = Suspicion(SUSPECT_AFTER, MAX_BENCH_ROUNDS)
+        # its state, under the names the node has always used
+        self.misses, self.benched, self.offences = (self.suspicion.misses, self.suspicion.benched,
+                                                    self.suspicion.offences)
+        self.dialing: set[str] = set()
+        self.refresh_s = REFRESH_S
+        # the scope (loopback or not) is known now; the ports once we listen, when it is replaced
+        self.exchange = DialPolicy(self.identity.peer_id, self.s.listen, allow_dns=self.s.peer_exchange_dns)
+        self._throttle = LogThrottle(log)
+        self.transport.on_hello = self._on_hello
+        self.transport.on_control = self._on_control
+
+    def _count_misses(self, event: dict[str, Any]) -> None:
+        """After a round: count each neighbour's missed rounds, and set aside those silent too long."""
+        out = self.suspicion.round_done(event["round"], self.peer.tracker.neighbors, event["missing"])
+        for p, rounds in out.items():
+            log.info("neighbour %s missed %d rounds in a row: set aside for %d rounds", p, self.misses[p], rounds)
+
+    def _round_claims(self) -> dict[str, int]:
+        """Each neighbour's round: the later of its last accepted frame's and its last hello's claim."""
+        hellos = self.transport.peers
+        return {p: max(self.peer.tracker.peer_round(p), hellos[p].round if p in hellos else -1)
+                for p in self.peer.tracker.neighbors}
+
+    def _active(self) -> set[str]:
+        return {p for p in self.links if p in self.transport.peers and p not in self.benched}
+
+    def _apply_neighbors(self) -> None:
+        self.suspicion.release(self.peer.round)   # back on probation: one more missed round sets it aside again
+        self._prune_links()
+        active = self._active()
+        if active != set(self.peer.tracker.neighbors):
+            log.info("neighbours: %s", sorted(active))
+            self.peer.set_neighbors({p: self._weight(p) for p in sorted(active)})
+            self.transport.degree = len(self.explicit) or len(active)
+
+    def _weight(self, p: str) -> float | None:
+        """W_ij on a fixed overlay: Metropolis-Hastings 1 / (1 + max(d_i, d_j)), with d_j from p's
+        hello; it sums to < 1 over any subset of neighbours, so W_ii = 1 - sum stays > 0. None
+        (uniform 1 / (active + 1)) when neighbours are picked at run time and degrees still change."""
+        d_j = self.transport.peers[p].degree if p in self.transport.peers else 0
+        return float(mh_weight(len(self.explicit), d_j)) if self.explicit and d_j > 0 else None
+
+    def _on_hello(self, peer: str, hello: Hello) -> None:
+        # A hello proves nothing about a neighbour's frames (a silent liar can say hello every second,
+        # and our own re-hellos get replies): only a delivered frame clears its missed rounds.
+        if self._nursery is None:
+            return
+        known = self.dialing | set(self.transport.peers)
+        addrs = [a for a in hello.peers if not self.explicit or _peer_of(a) in self.explicit]
+        for addr, other in self.exchange.pick(peer, addrs, time.monotonic(), known):
+            self.dialing.add(other)
+            self._nursery.start_soon(self._dial_once, addr, other)
+        if not self.explicit and peer not in self.links and peer not in self.benched and \
+                len(self.links) < self.s.degree:
+            self._nursery.start_soon(self._ask_link, peer)
+        if self.peer.round == self.first_round and self._train_scope is not None and self.peer.tracker.current[0] < 0:
+            self._apply_neighbors()    # before round 0, neighbours join at once
+
+    async def _dial_once(self, addr: str, peer: str) -> None:
+        try:
+            await self.transport.connect(addr)
+        except (ConnectionError, HelloRefused, ConfigError) as e:
+            self._throttle.warning(("dial", peer), "peer exchange: cannot reach %s: %s", printable(addr),
+                                   printable(str(e), 200))
+        finally:
+            self.dialing.discard(peer)
+
+    async def _bootstrap(self, addr: str) -> None:
+        delay, reported = 1.0, False
+        while True:
+            try:
+                await self.transport.connect(addr)
+                if reported:
+                    self.report(f"bootstrap {addr}: connected")
+                return
+            except HelloRefused as e:
+                self.report(f"bootstrap {addr}: refused: {e}")
+                return
+            except ConfigError as e:
+                self.report(f"bootstrap {addr}: {e}")
+                return
+            except ConnectionError as e:
+                if not reported:
+                    self.report(f"bootstrap {addr}: unreachable ({e}); retrying with backoff up to "
+                                f"{BACKOFF_MAX_S:.0f} s")
+                    reported = True
+            await trio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _maintain(self) -> None:
+        while True:
+            await trio.sleep(self.refresh_s)
+            await self._refresh()
+
+    def _prune_links(self) -> None:
+        """Free the slots of picked links that cannot be neighbours: set aside (silent), or no longer
+        accepted (a later hello was refused: such a peer never misses a round, so silence alone
+        would never free its slot)."""
+        for p in [p for p in self.links if p not in self.explicit and
+                  (p in self.benched or p not in self.transport.peers)]:
+            self.links.discard(p)
+
+    def _missing(self) -> bool:
+        """A wanted neighbour is missing: an explicit one we have no hello from, or too few links."""
+        if self.explicit:
+            return any(p not in self.transport.peers for p in self.explicit)
+        self._prune_links()
+        return len(self.links) < self.s.degree
+
+    async def _refresh(self) -> None:
+        """One maintenance pass: re-hello (peer exchange rides on the replies), then ask for links."""
+        targets = set(self.links)
+        if self._missing():   # someone may know the missing peer now: ask everyone, not just the links
+            targets |= set(self.transport.peers)
+        for p in sorted(targets):
+            try:
+                await self.transport.hello(p)
+            except (ConnectionError, HelloRefused) as e:
+                log.debug("refresh %s: %s", p, e)
+        if not self.explicit and len(self.links) < self.s.degree:
+            for p in self._candidates():
+                if len(self.links) >= self.s.degree:
+                    break
+                await self._ask_link(p)
+
+    def _candidates(self) -> list[str]:
+        me = self.identity.peer_id
+
+        def rank(p: str) -> bytes:
+            pair = "|".join(sorted((me, p)))
+            return hashlib.blake2b(f"{self.s.seed}|{pair}".encode(), digest_size=8).digest()
+        return sorted((p for p in self.transport.peers if p not in self.links and p not in self.benched), key=rank)
+
+    async def _ask_link(self, peer: str) -> None:
+        self._prune_links()
+        if peer in self.links or peer in self.benched or len(self.links) >= self.s.degree:
+            return
+        try:
+            reply = await self.transport.request(peer, {"t": "link"})
+        except Exception as e:
+            log.debug("link %s: %s", peer, e)
+            return
+        if reply.get("ok") is True and peer in self.transport.peers and peer not in self.benched:
+            self.links.add(peer)
+            if self.peer.tracker.current[0] < 0:
+                self._apply_neighbors()
+            self.transport.notify()   # round 0 may be waiting for this link
+
+    async def _on_control(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        if msg["t"] == "link":
+            # a set-aside peer cannot take a slot back before its time is up: identities that send
+            # nothing cannot hold all our slots against peers that do
+            self._prune_links()
+            ok = not self.explicit and peer not in self.benched and \
+                (peer in self.links or len(self.links) < self.s.degree + 2)
+            if ok:
+                self.links.add(peer)
+                if self.peer.tracker.current[0] < 0:
+                    self._apply_neighbors()
+                self.transport.notify()   # round 0 may be waiting for this link
+            return {"t": "link", "ok": ok}
+        return {"t": "error", "error": f"unknown request {msg['t']!r}"}

@@ -1,0 +1,54 @@
+"""Helpers for testing p2pfl and applications built on it: deterministic identities, signed and
+deliberately defective wire frames, started libp2p transports, small memory-network federations,
+and `open_pair`/`run_pair`, two connected transports of any kind behind one interface (the
+transport conformance suite runs on it).
+
+This package ships with p2pfl, so it imports neither pytest nor anything test-only; it needs
+trio, numpy and torch, and imports py-libp2p (through `p2pfl.peers.libp2p`) only when a libp2p
+transport is asked for, and trio.testing only when a MockClock or a quiescence wait is. Everything lives in `p2pfl.testing.transports`; the names below are
+re-exported for convenience.
+"""
+
+from p2pfl.testing.transports import (
+    DROP,
+    LIMIT_S,
+    MODEL_SCHEMA,
+    PAIR_KINDS,
+    SETTINGS,
+    SMALL_PAYLOADS,
+    Pair,
+    forged_frame_bytes,
+    frame_bytes,
+    identity,
+    libp2p_transport,
+    make_peers,
+    model_frame,
+    open_pair,
+    raw_model_stream,
+    run_pair,
+    run_peers,
+    started,
+    tiny_model,
+)
+
+__all__ = [
+    "DROP",
+    "LIMIT_S",
+    "MODEL_SCHEMA",
+    "PAIR_KINDS",
+    "SETTINGS",
+    "SMALL_PAYLOADS",
+    "Pair",
+    "forged_frame_bytes",
+    "frame_bytes",
+    "identity",
+    "libp2p_transport",
+    "make_peers",
+    "model_frame",
+    "open_pair",
+    "raw_model_stream",
+    "run_pair",
+    "run_peers",
+    "started",
+    "tiny_model",
+]
