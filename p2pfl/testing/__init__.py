@@ -9,46 +9,7 @@ transport is asked for, and trio.testing only when a MockClock or a quiescence w
 re-exported for convenience.
 """
 
-from p2pfl.testing.transports import (
-    DROP,
-    LIMIT_S,
-    MODEL_SCHEMA,
-    PAIR_KINDS,
-    SETTINGS,
-    SMALL_PAYLOADS,
-    Pair,
-    forged_frame_bytes,
-    frame_bytes,
-    identity,
-    libp2p_transport,
-    make_peers,
-    model_frame,
-    open_pair,
-    raw_model_stream,
-    run_pair,
-    run_peers,
-    started,
-    tiny_model,
-)
+from p2pfl.testing import transports
+from p2pfl.testing.transports import *  # noqa: F403 -- the public helpers, listed once (transports.__all__)
 
-__all__ = [
-    "DROP",
-    "LIMIT_S",
-    "MODEL_SCHEMA",
-    "PAIR_KINDS",
-    "SETTINGS",
-    "SMALL_PAYLOADS",
-    "Pair",
-    "forged_frame_bytes",
-    "frame_bytes",
-    "identity",
-    "libp2p_transport",
-    "make_peers",
-    "model_frame",
-    "open_pair",
-    "raw_model_stream",
-    "run_pair",
-    "run_peers",
-    "started",
-    "tiny_model",
-]
+__all__ = list(transports.__all__)

@@ -17,7 +17,7 @@ import torch
 
 from p2pfl.errors import ConfigError
 from p2pfl.peers import settings as peer_settings
-from p2pfl.sim import engine, faults, procs
+from p2pfl.sim import engine, faults, fleet, procs
 from p2pfl.sim import scenario as scenarios
 
 ROOT = Path(__file__).parents[2]
@@ -64,7 +64,7 @@ def test_fault_tables_from_toml(tmp_path):
 def test_the_peer_toml_is_what_p2pfl_peer_loads(tmp_path):
     s = scenarios.build({**FAST, "rounds": 3, "algorithm": "dfedsam", "hidden": [32, 16], "latency_ms": 5,
                          "aggregator": "centered_clip", "aggregator_params": {"tau": 2.5, "iterations": 3}, "f": 1})
-    (tmp_path / "peer.toml").write_text(procs._toml(procs.peer_settings(s)))
+    (tmp_path / "peer.toml").write_text(fleet.toml_text(fleet.peer_settings(s)))
     p = peer_settings.load(tmp_path / "peer.toml", {})
     assert (p.rounds, p.local_steps, p.step_timeout, p.hidden, p.local_update()["rho"], p.delay_ms, p.device,
             p.threads) == \
@@ -84,7 +84,7 @@ def test_every_shared_key_reaches_the_peers_unchanged(tmp_path):
               "gossip_steps": 2, "aggregator": "trimmed_mean", "f": 1, "eval_every": 2,
               "plugins": ["p2pfl.algorithms"]}
     s = scenarios.build({**FAST, **values})
-    (tmp_path / "peer.toml").write_text(procs._toml(procs.peer_settings(s)))
+    (tmp_path / "peer.toml").write_text(fleet.toml_text(fleet.peer_settings(s)))
     p = peer_settings.load(tmp_path / "peer.toml", {})
     assert {k: v for k, v in p.shared().items() if k not in ("attack", "attack_params")} == \
         {k: v for k, v in s.shared().items() if k not in ("attack", "attack_params")}
@@ -122,17 +122,17 @@ def test_a_restarted_attacker_starts_fresh_and_an_honest_peer_resumes(tmp_path):
                          "attack": "alie", "attackers": [1], "kill": [{"peer": 1, "at_round": 0, "restart_after_s": 1}]})
     peers = procs._peers(s, tmp_path, Setup.build(s), [1000 + i for i in range(4)], [1])
     log = MetricsLog(tmp_path / "metrics.jsonl")
-    fleet = procs._Fleet(s, tmp_path, peers, log, None)
+    runner = fleet.Fleet(s, tmp_path, peers, log, None)
     for p in peers:
         (p.dir / "checkpoint.pt").write_bytes(b"")     # as if each had written one
-    first = fleet.command(peers[1], restart=False)
+    first = runner.command(peers[1], restart=False)
     assert "--attack" in first and "--resume" not in first and first[first.index("--min-neighbors") + 1] == "3"
-    again = fleet.command(peers[1], restart=True)
-    assert "--resume" not in again and not fleet.resumes(peers[1])
+    again = runner.command(peers[1], restart=True)
+    assert "--resume" not in again and not runner.resumes(peers[1])
     assert again[:len(peers[1].argv)] == peers[1].argv and "--attack" in again     # still the attacker
     assert again[again.index("--min-neighbors") + 1] == "0"           # no neighbour is up in this test
-    honest = fleet.command(peers[0], restart=True)
-    assert honest[honest.index("--resume") + 1] == str(peers[0].dir) and fleet.resumes(peers[0])
+    honest = runner.command(peers[0], restart=True)
+    assert honest[honest.index("--resume") + 1] == str(peers[0].dir) and runner.resumes(peers[0])
     # what `p2pfl peer` makes of the attacker's restart: accepted (resume with an attack is refused)
     flags = {"attack": "alie", "colluders": (), "resume": None}
     assert peer_settings.load(tmp_path / "peer.toml", flags).attack == "alie"
@@ -143,7 +143,7 @@ def test_a_restarted_attacker_starts_fresh_and_an_honest_peer_resumes(tmp_path):
 
 def test_a_torn_line_left_by_sigkill_is_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    tail = procs._Tail(path)
+    tail = fleet.Tail(path)
     assert tail.events() == []
     path.write_text('{"kind": "round", "round": 0}\n{"kind": "ro')
     assert tail.events() == [{"kind": "round", "round": 0}]
