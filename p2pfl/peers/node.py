@@ -42,6 +42,7 @@ from p2pfl.learn.models import ParamLayout, make_model
 from p2pfl.learn.partition import partition
 from p2pfl.peers import checkpoint
 from p2pfl.peers.exchange import DialPolicy
+from p2pfl.peers.factory import make_peer
 from p2pfl.peers.libp2p import Hello, Libp2pTransport
 from p2pfl.peers.membership import SUSPECT_AFTER as SUSPECT_AFTER  # (re-exported: tests import it from here)
 from p2pfl.peers.membership import Membership, _peer_of
@@ -117,15 +118,9 @@ class Node(Membership):
                             step_timeout_s=s.step_timeout, eval_every=s.eval_every, seed=s.seed * 100_003 + i,
                             check_degree=False)
         self.byzantine = s.attack != "none"
-        if self.byzantine:   # not evaluated: honest accuracy is what counts
-            from p2pfl.peers.attacker import AttackerPeer
-
-            self.peer: Peer = AttackerPeer(model, train, attack=s.attack, attack_params=s.attack_params,
-                                           transport=self.transport, neighbors={}, config=config,
-                                           colluders=s.colluders, num_classes=data.num_classes, offload=True)
-        else:
-            self.peer = Peer(model, train, transport=self.transport, neighbors={}, config=config, test_data=test,
-                             offload=True, num_classes=data.num_classes)
+        self.peer: Peer = make_peer(model, train, transport=self.transport, neighbors={}, config=config,
+                                    test_data=test, num_classes=data.num_classes, attack=s.attack,
+                                    attack_params=s.attack_params, colluders=s.colluders)
         self.peer.on_event = self._on_round
         self.resumed_from: int | None = None
         if s.resume:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from p2pfl.errors import ConfigError
-from p2pfl.peers.attacker import NEIGHBORHOOD, AttackerPeer, Board, Knowledge, ObservedPeer
+from p2pfl.peers.attacker import NEIGHBORHOOD, Board, Knowledge
+from p2pfl.peers.factory import make_peer
 from p2pfl.peers.peer import Peer
 from p2pfl.robust import attacks as craft
 
@@ -80,14 +81,12 @@ class Cast:
 
     def peer(self, i: int, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *,
              test_data: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> Peer:
-        if self.knowledge is None:
-            return Peer(model, train_data, test_data=test_data, num_classes=self.num_classes, **kwargs)
-        if i not in self.byzantine:
-            return ObservedPeer(model, train_data, test_data=test_data, board=self.knowledge.board,
-                                num_classes=self.num_classes, **kwargs)
-        # Byzantine peers are not evaluated: honest accuracy is what counts
-        return AttackerPeer(model, train_data, attack=self.attack, attack_params=self.params,
-                            knowledge=self.knowledge, num_classes=self.num_classes, **kwargs)
+        k = self.knowledge
+        if k is None or i not in self.byzantine:
+            return make_peer(model, train_data, test_data=test_data, num_classes=self.num_classes,
+                             board=k.board if k is not None else None, **kwargs)
+        return make_peer(model, train_data, attack=self.attack, attack_params=self.params, knowledge=k,
+                         num_classes=self.num_classes, **kwargs)
 
 
 def byzantine_neighbors(nbrs: Sequence[Sequence[int]], byzantine: Iterable[int]) -> dict[str, Any]:
