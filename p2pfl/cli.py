@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +21,7 @@ from p2pfl import algorithms
 from p2pfl.errors import ConfigError, P2PFLError
 from p2pfl.robust import RULES
 from p2pfl.robust.attacks import ATTACKS
+from p2pfl.settings import LearningSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="p2pfl: decentralized peer-to-peer federated learning.")
@@ -85,6 +89,56 @@ def _attackers_flag(value: str | None) -> float | list[int] | None:
 _ALGORITHM_HELP = ("algorithm: " + ", ".join(f"{n} ({algorithms.get(n).summary})" for n in algorithms.names())
                    + "; a plugin's with --plugins")
 
+_DYNAMIC_HELP = {   # the registries' names, so the help never lists a name that does not exist
+    "algorithm": lambda: ", ".join(f"{n} ({algorithms.get(n).summary})" for n in algorithms.names())
+    + "; a plugin's with --plugins",
+    "aggregator": lambda: ", ".join(sorted(RULES)),
+    "attack": lambda: "none, " + ", ".join(sorted(ATTACKS)),
+}
+
+
+def _shared_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` one option per key it shares with the other command (p2pfl.settings.LearningSettings:
+    names, help and types come from there), delivered in its **shared; `_shared_overrides` parses them."""
+    sig = inspect.signature(command)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for f in dataclasses.fields(LearningSettings):
+        help_text = f.metadata["help"] + (f": {_DYNAMIC_HELP[f.name]()}" if f.name in _DYNAMIC_HELP else "")
+        kind = _FLAG_KINDS[f.name] if f.name in _FLAG_KINDS else _scalar_kind(f.type)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                        default=typer.Option(None, "--" + f.name.replace("_", "-"), help=help_text)))
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return command
+
+
+# flags whose text is parsed into the key's value: tables as JSON objects, lists of ints as 64,32
+_FLAG_KINDS: dict[str, Any] = {"algorithm_params": Optional[str], "aggregator_params": Optional[str],
+                               "attack_params": Optional[str], "hidden": Optional[str],
+                               "plugins": Optional[list[str]]}
+
+
+def _scalar_kind(annotation: Any) -> Any:
+    text = str(annotation)
+    for name, kind in (("int", int), ("float", float), ("str", str)):
+        if text.startswith(name):
+            return Optional[kind]
+    raise TypeError(f"no flag type for a key annotated {annotation!r}")
+
+
+def _shared_overrides(shared: dict[str, Any]) -> dict[str, Any]:
+    """The shared flags as setting values (None: not given)."""
+    out = dict(shared)
+    for key in ("algorithm_params", "aggregator_params", "attack_params"):
+        out[key] = _json_object_flag("--" + key.replace("_", "-"), shared.get(key))
+    if shared.get("hidden") is not None:
+        try:
+            out["hidden"] = tuple(int(h) for h in shared["hidden"].split(",") if h.strip())
+        except ValueError:
+            raise ConfigError(f"--hidden: expected comma-separated widths such as 64,32, got {shared['hidden']!r}") \
+                from None
+    out["plugins"] = tuple(shared.get("plugins") or ()) or None
+    return out
+
 
 def _json_object_flag(flag: str, value: str | None) -> dict[str, Any] | None:
     """--attack-params / --algorithm-params: a JSON object, e.g. '{"sigma": 10}' (the TOML key is a table)."""
@@ -100,51 +154,27 @@ def _json_object_flag(flag: str, value: str | None) -> dict[str, Any] | None:
 
 
 @app.command()
+@_shared_flags
 def sim(
     scenario: Optional[Path] = typer.Argument(None, help="scenario TOML file; the embedded default if omitted"),
     peers: Optional[int] = typer.Option(None, help="number of peers"),
-    rounds: Optional[int] = typer.Option(None, help="number of rounds"),
     topology: Optional[str] = typer.Option(None, help="ring, torus, regular:K, erdos:P, exponential, full"),
-    dataset: Optional[str] = typer.Option(None, help="digits, mnist1d, synthetic, npz:PATH"),
-    partition: Optional[str] = typer.Option(None, help="iid, dirichlet:ALPHA, classes:K"),
-    seed: Optional[int] = typer.Option(None, help="seed of everything random in the run"),
-    model: Optional[str] = typer.Option(None, help="mlp or cnn"),
-    aggregator: Optional[str] = typer.Option(None, help="aggregation rule: " + ", ".join(sorted(RULES))
-                                                        + " (mixing = Metropolis-Hastings DFedAvg)"),
-    algorithm: Optional[str] = typer.Option(None, help=_ALGORITHM_HELP),
-    algorithm_params: Optional[str] = typer.Option(None, help="the algorithm's own parameters as a JSON object"),
-    plugins: Optional[list[str]] = typer.Option(None, help="module or .py file that registers more algorithms "
-                                                           "(repeatable)"),
-    rho: Optional[float] = typer.Option(None, help="SAM radius (0 = SGD); wins over the preset"),
-    gossip_steps: Optional[int] = typer.Option(None, help="gossip steps Q per round (Q > 1: -MGS)"),
-    lr: Optional[float] = typer.Option(None, help="local learning rate"),
-    lr_decay: Optional[float] = typer.Option(None, help="lr at round t is lr * lr_decay**t"),
-    momentum: Optional[float] = typer.Option(None, help="local SGD momentum; wins over the preset"),
-    weight_decay: Optional[float] = typer.Option(None, help="local SGD weight decay"),
-    local_epochs: Optional[float] = typer.Option(None, help="local epochs per round"),
-    local_steps: Optional[int] = typer.Option(None, help="local steps per round (overrides epochs)"),
-    batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
     wire: Optional[bool] = typer.Option(None, "--wire/--no-wire", help="send every frame through the signed codec"),
-    f: Optional[int] = typer.Option(None, "--f", help="Byzantine inputs the aggregation rule must tolerate"),
-    attack: Optional[str] = typer.Option(None, help="none, " + ", ".join(sorted(ATTACKS))),
     attackers: Optional[str] = typer.Option(None, help="fraction of Byzantine peers in [0, 1) (0.3), or "
                                                        "comma-separated peer indices (1,5; one peer: 5,)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default results/<name>-<time>)"),
     engine_name: Optional[str] = typer.Option(None, "--engine", help="inproc (one process, virtual time) or procs "
                                                                      "(one real `p2pfl peer` process per peer)"),
+    **shared: Any,
 ) -> None:
     """Simulate a decentralized federation (in this process, or as peer processes) and report the peers' accuracy."""
     from p2pfl.sim import engine
     from p2pfl.sim import scenario as scenarios
 
-    overrides: dict[str, Any] = dict(peers=peers, rounds=rounds, topology=topology, dataset=dataset, partition=partition,
-                     seed=seed, model=model, aggregator=aggregator, gossip_steps=gossip_steps, lr=lr,
-                     local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size, wire=wire,
-                     algorithm=algorithm, rho=rho, lr_decay=lr_decay, momentum=momentum, weight_decay=weight_decay,
-                     f=f, attack=attack, engine=engine_name, plugins=tuple(plugins or ()) or None)
+    overrides: dict[str, Any] = dict(peers=peers, topology=topology, wire=wire, engine=engine_name)
     try:
+        overrides.update(_shared_overrides(shared))
         overrides["attackers"] = _attackers_flag(attackers)
-        overrides["algorithm_params"] = _json_object_flag("--algorithm-params", algorithm_params)
         s = scenarios.load(scenario, overrides)
         out_dir = out or Path("results") / f"{s.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -193,6 +223,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder written by `p2
 
 
 @app.command()
+@_shared_flags
 def peer(
     config: Optional[Path] = typer.Option(None, "--config", help="peer.toml with the same keys as these flags"),
     key: Optional[Path] = typer.Option(None, help="identity key file (missing: generated, saved under --out)"),
@@ -202,7 +233,6 @@ def peer(
     degree: Optional[int] = typer.Option(None, help="neighbours to pick when --neighbors is not given [4]"),
     min_neighbors: Optional[int] = typer.Option(None, help="start round 0 once this many neighbours are up [1]"),
     start_timeout: Optional[float] = typer.Option(None, help="... or after this many seconds [60]"),
-    rounds: Optional[int] = typer.Option(None, help="rounds to run [30]"),
     out: Optional[Path] = typer.Option(None, help="folder for metrics.jsonl, summary.json, checkpoint.pt [peer-out]"),
     resume: Optional[Path] = typer.Option(None, help="restart from the checkpoint in this folder"),
     fresh: bool = typer.Option(False, "--fresh", help="start over, overwriting a checkpoint in --out "
@@ -213,27 +243,7 @@ def peer(
                                                                               "peers pass on (off: IP addresses only)"),
     device: Optional[str] = typer.Option(None, help="cuda, cpu or auto [auto]"),
     threads: Optional[int] = typer.Option(None, help="torch threads (0: torch's default)"),
-    dataset: Optional[str] = typer.Option(None, help="digits, mnist1d, synthetic, npz:PATH"),
     shard: Optional[str] = typer.Option(None, help="i/N: train on the i-th of N shards [0/1]"),
-    partition: Optional[str] = typer.Option(None, help="iid, dirichlet:ALPHA, classes:K (as in sim)"),
-    seed: Optional[int] = typer.Option(None, help="seed of the data split and the initial model (same on all peers)"),
-    model: Optional[str] = typer.Option(None, help="mlp or cnn"),
-    aggregator: Optional[str] = typer.Option(None, help="aggregation rule: " + ", ".join(sorted(RULES))),
-    aggregator_params: Optional[str] = typer.Option(None, help="the rule's parameters as a JSON object, "
-                                                               "e.g. '{\"tau\": 1.0}'"),
-    gossip_steps: Optional[int] = typer.Option(None, help="gossip steps Q per round"),
-    algorithm: Optional[str] = typer.Option(None, help=_ALGORITHM_HELP),
-    algorithm_params: Optional[str] = typer.Option(None, help="the algorithm's own parameters as a JSON object"),
-    plugins: Optional[list[str]] = typer.Option(None, help="module or .py file that registers more algorithms "
-                                                           "(repeatable)"),
-    rho: Optional[float] = typer.Option(None, help="SAM radius (0 = SGD); wins over the preset"),
-    momentum: Optional[float] = typer.Option(None, help="local SGD momentum; wins over the preset"),
-    lr: Optional[float] = typer.Option(None, help="local learning rate"),
-    lr_decay: Optional[float] = typer.Option(None, help="lr at round t is lr * lr_decay**t"),
-    weight_decay: Optional[float] = typer.Option(None, help="local SGD weight decay"),
-    local_epochs: Optional[float] = typer.Option(None, help="local epochs per round"),
-    local_steps: Optional[int] = typer.Option(None, help="local steps per round (overrides epochs)"),
-    batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
     step_timeout: Optional[float] = typer.Option(None, help="seconds to wait for neighbours in one gossip step [30]"),
     delay_ms: Optional[float] = typer.Option(None, help="inject this delay before every outbound frame"),
     bulk_port: Optional[int] = typer.Option(None, help="TCP port of the fast bulk channel for model frames (0: any "
@@ -241,11 +251,8 @@ def peer(
     metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on this port (0: off) [0]"),
     metrics_host: Optional[str] = typer.Option(None, help="address the metrics endpoint binds [127.0.0.1]; "
                                                           "0.0.0.0 exposes it to the network"),
-    attack: Optional[str] = typer.Option(None, help="make this peer Byzantine: " + ", ".join(sorted(ATTACKS))
-                                                    + " [none]"),
-    attack_params: Optional[str] = typer.Option(None, help="the attack's parameters as a JSON object, "
-                                                           "e.g. '{\"sigma\": 10}'"),
     colluders: Optional[str] = typer.Option(None, help="comma-separated peer IDs of the other attackers (spared)"),
+    **shared: Any,
 ) -> None:
     """Run one real peer over libp2p: train on a shard, gossip with neighbours, checkpoint every round."""
     import logging
@@ -256,19 +263,13 @@ def peer(
     overrides: dict[str, Any] = dict(
         key=key, listen=tuple(listen or ()), bootstrap=tuple(bootstrap or ()),
         neighbors=tuple(n for n in (neighbors or "").split(",") if n), degree=degree, min_neighbors=min_neighbors,
-        start_timeout=start_timeout, rounds=rounds, out=out, resume=resume, fresh=fresh or None,   # no --fresh: the file's
+        start_timeout=start_timeout, out=out, resume=resume, fresh=fresh or None,   # no --fresh: the file's
         network_key=network_key, allow=allow, peer_exchange_dns=peer_exchange_dns or None,
-        device=device, threads=threads, dataset=dataset, shard=shard, partition=partition, seed=seed, model=model,
-        aggregator=aggregator, gossip_steps=gossip_steps, algorithm=algorithm, rho=rho, momentum=momentum,
-        lr_decay=lr_decay, weight_decay=weight_decay, lr=lr, local_epochs=local_epochs, local_steps=local_steps,
-        batch_size=batch_size, step_timeout=step_timeout, delay_ms=delay_ms, bulk_port=bulk_port,
-        metrics_port=metrics_port, metrics_host=metrics_host, attack=attack,
+        device=device, threads=threads, shard=shard, step_timeout=step_timeout, delay_ms=delay_ms,
+        bulk_port=bulk_port, metrics_port=metrics_port, metrics_host=metrics_host,
         colluders=tuple(c for c in (colluders or "").split(",") if c))
     try:
-        overrides["attack_params"] = _json_object_flag("--attack-params", attack_params)
-        overrides["algorithm_params"] = _json_object_flag("--algorithm-params", algorithm_params)
-        overrides["aggregator_params"] = _json_object_flag("--aggregator-params", aggregator_params)
-        overrides["plugins"] = tuple(plugins or ())
+        overrides.update(_shared_overrides(shared))
         s = peer_settings.load(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
         from p2pfl.peers import node  # importing libp2p resets its loggers: quiet them afterwards
 

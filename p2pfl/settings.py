@@ -5,6 +5,8 @@ flags with dashes). `p2pfl.sim.scenario.Scenario` and `p2pfl.peers.settings.Peer
 it with their own keys (a scenario's peers, topology and faults; a peer's addresses, files and
 ports), so a key means the same thing, has the same default and is checked the same way in both,
 and the multi-process engine hands a scenario's shared keys to its peers unchanged (`shared()`).
+Each field's `help` metadata is its flag's help: `p2pfl sim` and `p2pfl peer` derive these flags
+from this class.
 The algorithm's own parameters (`algorithm_params`) are checked by the algorithm registry, after
 `plugins` have been imported; the robust rule's (`aggregator_params`) by `p2pfl.robust`.
 """
@@ -28,35 +30,40 @@ DATASETS = ("digits", "mnist1d", "synthetic", "npz:PATH")
 
 @dataclass(frozen=True)
 class LearningSettings:
-    rounds: int = 30
+    rounds: int = field(default=30, metadata={"help": "rounds to run"})
     # data and model
-    dataset: str = "digits"
-    partition: str = "dirichlet:0.5"
-    seed: int = 0                  # everything random; the same on every peer of a federation
-    model: str = "mlp"
-    hidden: tuple[int, ...] = (64,)
+    dataset: str = field(default="digits", metadata={"help": "digits, mnist1d, synthetic, npz:PATH"})
+    partition: str = field(default="dirichlet:0.5", metadata={"help": "iid, dirichlet:ALPHA, classes:K"})
+    seed: int = field(default=0, metadata={"help": "seed of the data split, the initial model and the rest (the "
+                                                   "same on every peer of a federation)"})
+    model: str = field(default="mlp", metadata={"help": "mlp or cnn"})
+    hidden: tuple[int, ...] = field(default=(64,), metadata={"help": "hidden layer widths, e.g. 64,32"})
     # the algorithm (p2pfl.algorithms); None: dfedavg, named in results by what rho/momentum run
-    algorithm: str | None = None
-    algorithm_params: dict[str, Any] = field(default_factory=dict)   # its own parameters, checked by the registry
-    plugins: tuple[str, ...] = ()  # modules (or .py files) to import first: they register more algorithms
+    algorithm: str | None = field(default=None, metadata={"help": "algorithm"})
+    algorithm_params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the algorithm's own parameters as a JSON object (checked by its registry entry)"})
+    plugins: tuple[str, ...] = field(default=(), metadata={
+        "help": "module or .py file that registers more algorithms (repeatable)"})
     # local training (p2pfl.learn.train.TrainConfig)
-    lr: float = 0.2
-    lr_decay: float = 1.0
-    momentum: float | None = None  # None: the algorithm's preset (0 without one)
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    local_epochs: float = 2.0
-    local_steps: int | None = None
-    rho: float | None = None       # SAM radius; None: the algorithm's preset (0 without one)
+    lr: float = field(default=0.2, metadata={"help": "local learning rate"})
+    lr_decay: float = field(default=1.0, metadata={"help": "lr at round t is lr * lr_decay**t"})
+    momentum: float | None = field(default=None, metadata={"help": "local SGD momentum; wins over the preset"})
+    weight_decay: float = field(default=0.0, metadata={"help": "local SGD weight decay"})
+    batch_size: int = field(default=16, metadata={"help": "mini-batch size"})
+    local_epochs: float = field(default=2.0, metadata={"help": "local epochs per round"})
+    local_steps: int | None = field(default=None, metadata={"help": "local steps per round (overrides epochs)"})
+    rho: float | None = field(default=None, metadata={"help": "SAM radius (0 = SGD); wins over the preset"})
     # gossip and aggregation
-    gossip_steps: int = 1
-    aggregator: str = "mixing"
-    aggregator_params: dict[str, Any] = field(default_factory=dict)
-    f: int = 0
-    eval_every: int = 1
+    gossip_steps: int = field(default=1, metadata={"help": "gossip steps Q per round (Q > 1: -MGS)"})
+    aggregator: str = field(default="mixing", metadata={"help": "aggregation rule (mixing: Metropolis-Hastings)"})
+    aggregator_params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the rule's parameters as a JSON object, e.g. '{\"tau\": 1.0}'"})
+    f: int = field(default=0, metadata={"help": "Byzantine inputs the aggregation rule must tolerate"})
+    eval_every: int = field(default=1, metadata={"help": "evaluate every k rounds (and at the last)"})
     # Byzantine peers (p2pfl.peers.attacker; the crafting math is p2pfl.robust.attacks)
-    attack: str = "none"
-    attack_params: dict[str, Any] = field(default_factory=dict)
+    attack: str = field(default="none", metadata={"help": "attack (of the Byzantine peers)"})
+    attack_params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the attack's parameters as a JSON object, e.g. '{\"sigma\": 10}'"})
 
     def __post_init__(self) -> None:
         if self.seed < 0:   # numpy's generators take no negative seed

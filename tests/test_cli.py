@@ -171,3 +171,26 @@ def test_peer_refuses_to_overwrite_a_checkpoint_unless_resumed_or_fresh(tmp_path
                     "start over with --fresh")
     r = p2pfl("peer", "--out", d, "--resume", d, "--fresh", *PEER_ARGS)
     _one_line_error(r, "fresh: given with resume")
+
+
+@pytest.mark.parametrize("command", ["sim", "peer"])
+def test_the_shared_flags_come_from_the_one_schema(command):
+    """`p2pfl sim` and `p2pfl peer` get one flag per key of p2pfl.settings.LearningSettings, with its
+    help, and the parsed values reach the settings (tables as JSON, widths as 64,32)."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from p2pfl import cli
+    from p2pfl.settings import LearningSettings
+
+    out = " ".join(CliRunner().invoke(cli.app, [command, "--help"]).output.split())   # unwrapped
+    for f in dataclasses.fields(LearningSettings):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out and " ".join(f.metadata["help"].split()) in out, flag
+    parsed = cli._shared_overrides({"hidden": "64,32", "algorithm_params": None, "aggregator_params": '{"tau": 1}',
+                                    "attack_params": None, "plugins": ["x.py"], "lr": 0.5})
+    assert (parsed["hidden"], parsed["aggregator_params"], parsed["plugins"], parsed["lr"]) == \
+        ((64, 32), {"tau": 1}, ("x.py",), 0.5)
+    with pytest.raises(cli.ConfigError, match="--hidden"):
+        cli._shared_overrides({"hidden": "64,x"})
