@@ -1,10 +1,11 @@
 """Byzantine peers: `AttackerPeer` runs the normal round loop but sends crafted vectors.
 
-Theory of operation. An attacker is a `Peer` (same transport, tracker, deadlines and events) that overrides
-three hooks: `prepare_step` (wait for what it needs and craft this step's vectors), `outgoing` (hand out
-the crafted vector per neighbour, or None: `silent`) and `combine` (attackers that neither train nor
-need a model skip the work). It wraps the honest gossip algorithm (`p2pfl.algorithms.gossip`): what it
-trains and aggregates is the honest peer's, only what it sends is replaced. The crafting math is in `p2pfl.robust.attacks`.
+Theory of operation. An attacker is a `Peer` (same transport, tracker, deadlines and events) whose
+algorithm is `p2pfl.algorithms.attack.Attacker`, a wrapper around the honest gossip algorithm that
+trains and aggregates as it does (or skips the work) and replaces what it sends. The driver keeps
+what needs I/O and the run's knowledge: `prepare_step` works out each target's neighbourhood and
+waits (bounded by the step deadline) for the honest vectors the attack crafts from, then hands
+them to the algorithm's `craft`. The crafting math is in `p2pfl.robust.attacks`.
 
 What an attacker knows:
 - omniscient (the in-process engine): a `Knowledge` object with the whole graph, the mixing weights, who is
@@ -34,18 +35,16 @@ import torch
 import trio
 from torch import nn
 
+from p2pfl.algorithms.attack import NEIGHBORHOOD, Attacker, View
+from p2pfl.algorithms.gossip import Gossip
 from p2pfl.errors import ConfigError
 from p2pfl.gossip.codec import Frame
-from p2pfl.learn.train import TrainStats
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.transport import Transport, TransportStats
 from p2pfl.robust import attacks as craft
 
 log = logging.getLogger(__name__)
 
-TRAINING = ("sign_flip", "label_flip")              # attackers that run local training
-AGGREGATING = ("sign_flip", "label_flip", "free_rider")  # attackers whose own model matters
-NEIGHBORHOOD = ("alie", "ipm", "dissensus")         # craft from the target's honest neighbourhood
 
 
 # --------------------------------------------------------------------------------------- knowledge
@@ -136,13 +135,6 @@ class _Tap:
         await self.inner.aclose()
 
 
-class _Idle:
-    """The trainer of an attacker that does not train."""
-
-    def train_round(self, round_: int) -> TrainStats:
-        return TrainStats(loss=0.0, steps=0)
-
-
 # ------------------------------------------------------------------------------------------- peers
 
 
@@ -188,18 +180,15 @@ class AttackerPeer(Peer):
         self.colluders = frozenset(knowledge.byzantine if knowledge else colluders) - {self.id}
         if attack == "mimic" and knowledge is None and isinstance(self.params["peer"], int):
             raise ConfigError("mimic: without the engine's peer order, attack_params.peer must be a peer ID")
-        if attack not in TRAINING:
-            self.algorithm.trainer = _Idle()  # type: ignore[attr-defined]
-        self.noise = torch.Generator().manual_seed(config.seed ^ 0x5EED_B12A)
-        self._crafted: dict[str, torch.Tensor | None] = {}
-        # this round so far: vectors crafted (one per neighbour and step) and the honest vectors they came from
-        self._tally = {"crafted": 0, "crafted_from": 0}
+        if not isinstance(self.algorithm, Gossip):
+            raise ConfigError(f"attack: attackers wrap the gossip algorithms, not {config.algorithm!r}")
+        self.algorithm: Attacker = Attacker(self.algorithm, attack, self.params, config.seed)
 
     # -- what the attacker knows about a target -----------------------------------------------------
     def _targets(self) -> list[str]:
         return [nb for nb in self.tracker.neighbors if nb not in self.colluders]
 
-    def _neighborhood(self, target: str) -> tuple[list[str], dict[str, float], float, int, int]:
+    def _neighborhood(self, target: str) -> View:
         """(honest IDs the target aggregates, first the target itself; W_tj of its honest neighbours;
         sum of W_tb over its Byzantine neighbours; n = its inputs; f = its Byzantine inputs)."""
         k = self.knowledge
@@ -228,49 +217,24 @@ class AttackerPeer(Peer):
 
     # -- the hooks ----------------------------------------------------------------------------------
     async def prepare_step(self, t: int, q: int, x: torch.Tensor) -> None:
-        p, name = self.params, self.attack
+        """Gather what this step's attack crafts from (waiting, bounded by the step deadline, for the
+        honest vectors it reads), then let the attacker algorithm craft."""
         targets = self._targets()
-        crafted: dict[str, torch.Tensor | None] = {nb: x for nb in self.tracker.neighbors}
-        made, used = 0, set[str]()   # crafted vectors; the honest peers whose vectors they came from
-        if name == "silent":
-            crafted = dict.fromkeys(crafted)
-        elif name == "sign_flip":
-            flipped = craft.sign_flip(x, scale=p["scale"])
-            crafted.update({nb: flipped for nb in targets})
-            made = len(targets)
-        elif name == "gaussian":
-            crafted.update({nb: craft.gaussian(x, sigma=p["sigma"], generator=self.noise) for nb in targets})
-            made = len(targets)
-        elif name == "free_rider" and p["mode"] == "noise":
-            crafted.update({nb: craft.uniform_noise(x, scale=p["scale"], generator=self.noise) for nb in targets})
-            made = len(targets)
-        elif name == "mimic":
+        source, views, got = None, None, None
+        if self.attack == "mimic":
             source = self._mimicked()
             if source is not None:
                 got = await self._gather(t, q, [source])
-                if source in got:
-                    crafted.update({nb: got[source] for nb in targets})
-                    made, used = len(targets), {source}
-        elif name in NEIGHBORHOOD:
+        elif self.attack in NEIGHBORHOOD:
             views = {nb: self._neighborhood(nb) for nb in targets}
             got = await self._gather(t, q, {j for ids, *_ in views.values() for j in ids})
-            for nb, view in views.items():
-                vector = self._craft(view, got)
-                if vector is not None:
-                    crafted[nb] = vector
-                    made += 1
-                    used.update(j for j in view[0] if j in got)
-        # sign_flip/label_flip/free_rider "mean": x is the model it trained / the mean it received
-        self._crafted = crafted
-        self._tally["crafted"] += made
-        self._tally["crafted_from"] += len(used)
+        self.algorithm.craft(x, self.tracker.neighbors, targets, source=source, views=views, got=got)
 
     def round_info(self, t: int) -> dict[str, Any]:
         """`crafted`: vectors it crafted this round (one per target and step; label_flip, free_rider
         "mean" and silent craft none); `crafted_from`: the honest vectors, received or (omniscient) read on
         the board, those were computed from, summed over the steps."""
-        info, self._tally = self._tally, {"crafted": 0, "crafted_from": 0}
-        return info
+        return self.algorithm.take_tally()
 
     async def _gather(self, t: int, q: int, ids: Iterable[str]) -> dict[str, torch.Tensor]:
         ids = list(ids)
@@ -279,31 +243,3 @@ class AttackerPeer(Peer):
         got = self.board.peek(t, q, ids)
         log.debug("%s: step (%d, %d): %d of %d honest vectors by the deadline", self.id, t, q, len(got), len(ids))
         return got
-
-    def _craft(self, view: tuple[list[str], dict[str, float], float, int, int],
-               got: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        ids, good_w, byz_w, n, f = view
-        target = ids[0]
-        if target not in got:
-            return None  # the target's own vector never came: send our own x this step
-        if self.attack == "dissensus":
-            good = [j for j in ids[1:] if j in got]
-            stacked = torch.stack([got[j] for j in good]) if good else got[target].new_zeros(0, got[target].numel())
-            w = torch.tensor([good_w[j] for j in good], dtype=stacked.dtype)
-            return craft.dissensus(got[target], stacked, w, byz_w, eps=self.params["eps"])
-        honest = torch.stack([got[j] for j in ids if j in got])  # (k, d)
-        if self.attack == "ipm":
-            return craft.ipm(honest, eps=self.params["eps"])
-        z = self.params["z"] if self.params["z"] is not None else craft.alie_z(n, f)
-        return craft.alie(honest, z=z)
-
-    def outgoing(self, t: int, q: int, x: torch.Tensor, neighbor: str) -> torch.Tensor | None:
-        return self._crafted.get(neighbor, x)
-
-    def combine(self, t: int, q: int, received: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, Any]:
-        if self.attack == "free_rider" and self.params["mode"] == "mean":
-            self.algorithm.x = craft.received_mean(torch.stack([r["model"] for r in received.values()]))  # type: ignore[attr-defined]
-            return {"neighbor_distance": 0.0}
-        if self.attack not in AGGREGATING:
-            return {"neighbor_distance": 0.0}  # its own model plays no part in what it sends
-        return super().combine(t, q, received)

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from p2pfl.algorithms.attack import NEIGHBORHOOD
 from p2pfl.errors import ConfigError
-from p2pfl.peers.attacker import NEIGHBORHOOD, Board, Knowledge
+from p2pfl.peers.attacker import Board, Knowledge
 from p2pfl.peers.factory import make_peer
 from p2pfl.peers.peer import Peer
 from p2pfl.robust import attacks as craft
