@@ -53,6 +53,7 @@ from cryptography.exceptions import InvalidSignature
 
 from p2pfl.errors import LocalProtocolError, Reject, RemoteProtocolError
 from p2pfl.gossip.identity import SIGNATURE_LEN, Identity, public_key_from_peer_id
+from p2pfl.gossip.values import all_finite
 
 if TYPE_CHECKING:
     import torch
@@ -85,12 +86,6 @@ _MAX_TOTAL: Final = 2**32 - 1
 _NP_DTYPES: Final[dict[str, np.dtype[Any]]] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
 _WIRE_DTYPES: Final = {dt.str: name for name, dt in _NP_DTYPES.items()}
 DTYPES: Final = tuple(_NP_DTYPES)
-# (mask, threshold): a value is NaN/Inf iff (bits & mask) >= threshold (exponent all ones).
-_NONFINITE_BITS: Final = {
-    "f32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
-    "f16": (np.uint16, 0x7FFF, 0x7C00),
-    "bf16": (np.uint16, 0x7FFF, 0x7F80),
-}
 
 _FIELDS: Final = ("digest", "dtype", "from", "kind", "nbytes", "round", "schema", "sig", "step", "v")
 _UNSIGNED_FIELDS: Final = tuple(f for f in _FIELDS if f != "sig")
@@ -99,7 +94,6 @@ _FIELD_SET: Final = frozenset(_FIELDS)
 _PREFIX: Final = struct.Struct(">II")
 _U32: Final = struct.Struct(">I")
 _BLAKE3_MT_BYTES: Final = 1 << 22  # below ~4 MiB the thread pool costs more than it saves
-_CHUNK: Final = 1 << 16  # elements per step of the exact NaN/Inf scan (stays in L2)
 _ALIGN: Final = 64
 
 
@@ -392,44 +386,3 @@ def _pack(header: dict[str, Any], keys: tuple[str, ...]) -> bytes:
 def _digest(body: memoryview) -> bytes:
     threads = blake3.blake3.AUTO if body.nbytes >= _BLAKE3_MT_BYTES else 1
     return blake3.blake3(body, max_threads=threads).digest()
-
-
-def all_finite(payload: np.ndarray, dtype: str) -> bool:
-    """Exactly: no element is NaN or +-Inf."""
-    if payload.size == 0:
-        return True
-    if dtype != "f32":
-        return _bits_finite(payload, dtype)
-    if payload.flags.aligned:
-        return _dot_finite(payload) or _bits_finite(payload, dtype)
-    # Unaligned (the receiver did not use `frame_buffer`): BLAS would take a slow path, so stream
-    # the data through a small aligned scratch that stays in cache.
-    scratch = np.empty(min(_CHUNK, payload.size), dtype=np.float32)
-    for start in range(0, payload.size, _CHUNK):
-        chunk = payload[start : start + _CHUNK]
-        out = scratch[: chunk.size]
-        out[...] = chunk
-        if not (_dot_finite(out) or _bits_finite(out, dtype)):
-            return False
-    return True
-
-
-def _dot_finite(a: np.ndarray) -> bool:
-    """True proves every element finite: a NaN/Inf element makes dot(a, a) NaN/Inf (squares are
-    >= 0, so no inf - inf cancellation). False may also mean overflow of huge finite values."""
-    with np.errstate(all="ignore"):  # overflow / NaN here is an answer, not a warning
-        return bool(np.isfinite(np.dot(a, a)))
-
-
-def _bits_finite(payload: np.ndarray, dtype: str) -> bool:
-    """Exact: an element is NaN/Inf iff its exponent bits are all ones."""
-    bits_dtype, mask, threshold = _NONFINITE_BITS[dtype]
-    bits = payload.view(bits_dtype)
-    scratch = np.empty(min(_CHUNK, bits.size), dtype=bits_dtype)
-    for start in range(0, bits.size, _CHUNK):
-        chunk = bits[start : start + _CHUNK]
-        out = scratch[: chunk.size]
-        np.bitwise_and(chunk, mask, out=out)
-        if out.max() >= threshold:
-            return False
-    return True

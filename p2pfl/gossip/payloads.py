@@ -27,9 +27,9 @@ import numpy as np
 
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import codec
+from p2pfl.gossip.values import within
 
 DEFAULT_MAX_ABS: Final = 1e6
-_CHUNK: Final = 1 << 16   # elements per step of the exact magnitude scan (stays in cache)
 _ITEMSIZE: Final = {"f32": 4, "f16": 2, "bf16": 2}
 
 
@@ -75,26 +75,3 @@ def check(kind: str, dtype: str, payload: np.ndarray, specs: Mapping[str, Payloa
         raise RemoteProtocolError(Reject.WRONG_SIZE, f"{kind}: {payload.size} values, expected {spec.count}", peer)
     if spec.max_abs is not None and not within(payload, dtype, spec.max_abs):
         raise RemoteProtocolError(Reject.OUT_OF_RANGE, f"{kind}: a value exceeds |x| <= {spec.max_abs:g}", peer)
-
-
-def within(payload: np.ndarray, dtype: str, max_abs: float) -> bool:
-    """Every element of a finite payload has |x| <= max_abs."""
-    if payload.size == 0:
-        return True
-    if dtype == "bf16":   # raw bits: widen to float32 by shifting into the high half
-        wide = np.empty(min(_CHUNK, payload.size), dtype=np.uint32)
-        for start in range(0, payload.size, _CHUNK):
-            chunk = payload[start:start + _CHUNK]
-            out = wide[:chunk.size]
-            np.left_shift(chunk.astype(np.uint32), 16, out=out)
-            if float(np.abs(out.view(np.float32)).max()) > max_abs:
-                return False
-        return True
-    with np.errstate(all="ignore"):   # an overflowing dot is an answer (scan exactly), not a warning
-        norm2 = float(np.dot(payload, payload)) if dtype == "f32" else math.inf
-    if norm2 <= 0.25 * max_abs * max_abs:   # half the bound: float32 rounding in the dot cannot matter
-        return True
-    for start in range(0, payload.size, _CHUNK):
-        if float(np.abs(payload[start:start + _CHUNK]).max()) > max_abs:
-            return False
-    return True

@@ -49,10 +49,10 @@ from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.rounds import Suspicion
 from p2pfl.gossip.topology import mh_weight
 from p2pfl.peers.exchange import DialPolicy
-from p2pfl.peers.libp2p import Hello, HelloRefused, Libp2pTransport
+from p2pfl.peers.libp2p import Hello, HelloRefused
 from p2pfl.peers.peer import Peer
 from p2pfl.peers.settings import PeerSettings
-from p2pfl.peers.transport import LogThrottle
+from p2pfl.peers.transport import LogThrottle, PeerNetwork
 
 # the node's logger: membership is part of the node, and log settings select it by this name
 log = logging.getLogger("p2pfl.peers.node")
@@ -73,7 +73,7 @@ class Membership:
     s: PeerSettings
     report: Callable[[str], None]
     identity: Identity
-    transport: Libp2pTransport
+    transport: PeerNetwork
     peer: Peer
     explicit: set[str]              # the fixed neighbours (--neighbors); empty: picked at run time
     first_round: int

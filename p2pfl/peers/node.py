@@ -49,6 +49,7 @@ from p2pfl.peers.membership import Membership, _peer_of
 from p2pfl.peers.metrics import PeerMetrics, Snapshot
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.settings import PeerSettings
+from p2pfl.peers.transport import PeerNetwork
 from p2pfl.robust import check_rule
 
 
@@ -103,7 +104,7 @@ class Node(Membership):
         self.schema = ParamLayout.of(model).schema
         psk = s.network_psk()
         allow = set(_read_lines(s.allow, "allowlist")) if s.allow else None
-        self.transport = Libp2pTransport(self.identity, Hello(schema=self.schema, settings=s.protocol_settings()),
+        self.transport: PeerNetwork = Libp2pTransport(self.identity, Hello(schema=self.schema, settings=s.protocol_settings()),
                                          listen=s.listen, psk=psk, allow=allow, delay_s=s.delay_ms / 1000,
                                          bulk_port=None if s.bulk_port < 0 else s.bulk_port)
         self.explicit = {_peer_of(a) for a in s.neighbors}

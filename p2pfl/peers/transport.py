@@ -18,11 +18,16 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from p2pfl.errors import Reject
 from p2pfl.gossip.codec import Frame
 from p2pfl.gossip.payloads import PayloadSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from p2pfl.peers.libp2p.control import Hello
 
 
 @dataclass
@@ -86,3 +91,47 @@ class Transport(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class PeerNetwork(Transport, Protocol):
+    """What a real peer's membership (`p2pfl.peers.node`, `membership`) needs beyond moving frames:
+    hellos that carry rounds, degrees and peer exchange, control requests (links), and waiting on
+    changes. `Libp2pTransport` implements it; the node reaches its transport through nothing else."""
+
+    @property
+    def peers(self) -> Mapping[str, Hello]:
+        """Accepted peers -> their latest hello."""
+        ...
+
+    round: int                   # our round, advertised in our hellos
+    degree: int                  # our degree, advertised (fixed overlays mix with Metropolis-Hastings weights)
+    on_hello: Callable[[str, Hello], None]
+    on_control: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]] | None
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    def listen_addrs(self) -> list[str]: ...
+
+    async def connect(self, addr: str) -> tuple[str, Hello]:
+        """Dial a multiaddr ending in /p2p/<id> and exchange hellos."""
+        ...
+
+    async def hello(self, peer: str) -> Hello:
+        """(Re-)exchange hellos with a known peer."""
+        ...
+
+    async def request(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """One control request and its reply."""
+        ...
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until `predicate()` holds; re-checked on every frame, hello, rejection or `notify`."""
+        ...
+
+    def notify(self) -> None: ...
+
+    async def flush(self) -> None:
+        """Wait until every queued frame was written or failed."""
+        ...

@@ -2,19 +2,14 @@
 
 Every rule is `rule(own: Tensor[d], received: Tensor[m, d], *, f, **params) -> Tensor[d]`, listed by name in
 `RULES`; `aggregate(name, ...)` also reports each input's effective weight, and `check_rule(name, degree, f,
-**params)` raises `ConfigError` at configuration time when the rule cannot run (see aggregators.py).
+**params)` raises `ConfigError` at configuration time when the rule cannot run (see aggregators.py; the rules by name are rules.py).
 """
 
-from p2pfl.robust.aggregators import (
+from p2pfl.robust.aggregators import Aggregation, Rule, aggregate, bucketing, check_rule, clip
+from p2pfl.robust.rules import (
     RULES,
-    Aggregation,
-    Rule,
-    aggregate,
-    bucketing,
     bulyan,
     centered_clip,
-    check_rule,
-    clip,
     geometric_median,
     krum,
     mean,

@@ -5,11 +5,12 @@ transport conformance suite runs on it).
 
 This package ships with p2pfl, so it imports neither pytest nor anything test-only; it needs
 trio, numpy and torch, and imports py-libp2p (through `p2pfl.peers.libp2p`) only when a libp2p
-transport is asked for, and trio.testing only when a MockClock or a quiescence wait is. Everything lives in `p2pfl.testing.transports`; the names below are
-re-exported for convenience.
+transport is asked for, and trio.testing only when a MockClock or a quiescence wait is. Everything lives in `p2pfl.testing.transports` and `pair`; the names are
+re-exported here.
 """
 
 from p2pfl.testing import transports
+from p2pfl.testing.pair import PAIR_KINDS, Pair, open_pair, run_pair
 from p2pfl.testing.transports import *  # noqa: F403 -- the public helpers, listed once (transports.__all__)
 
-__all__ = list(transports.__all__)
+__all__ = [*transports.__all__, "PAIR_KINDS", "Pair", "open_pair", "run_pair"]

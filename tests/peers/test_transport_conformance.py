@@ -25,7 +25,7 @@ import trio
 from p2pfl.errors import Reject
 from p2pfl.gossip import payloads
 from p2pfl.gossip.codec import Frame
-from p2pfl.testing.transports import (
+from p2pfl.testing import (
     MODEL_SCHEMA,
     PAIR_KINDS,
     SMALL_PAYLOADS,
