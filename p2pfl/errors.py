@@ -39,6 +39,7 @@ class Reject(str, enum.Enum):
     WRONG_DTYPE = "wrong_dtype"      # wire dtype differs from the declared payload's
     UNKNOWN_KIND = "unknown_kind"    # a payload kind the peer does not accept
     OUT_OF_RANGE = "out_of_range"    # finite, but a value beyond the payload's magnitude bound
+    INVALID_PAYLOAD = "invalid_payload"   # the payload kind's own validator refused it (e.g. not a permutation)
     NON_FINITE = "non_finite"
     BAD_DIGEST = "bad_digest"
     BAD_SIGNATURE = "bad_signature"

@@ -19,7 +19,7 @@ Sans-IO: plain values in, a `RemoteProtocolError` with a counted `Reject` reason
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,11 +35,14 @@ _ITEMSIZE: Final = {"f32": 4, "f16": 2, "bf16": 2}
 
 @dataclass(frozen=True)
 class PayloadSpec:
-    """One payload kind: wire dtype, exact element count, largest |value| (None: no bound)."""
+    """One payload kind: wire dtype, exact element count, largest |value| (None: no bound), and an
+    optional validator of the decoded array, which returns None or a short reason it is refused (a
+    ranking that is not a permutation, ...); it runs only on payloads of the right dtype and size."""
 
     dtype: str
     count: int
     max_abs: float | None = DEFAULT_MAX_ABS
+    validate: Callable[[np.ndarray], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in codec.DTYPES:
@@ -64,8 +67,8 @@ def max_frame_bytes(specs: Mapping[str, PayloadSpec]) -> int:
 
 
 def check(kind: str, dtype: str, payload: np.ndarray, specs: Mapping[str, PayloadSpec], peer: str | None) -> None:
-    """Refuse a payload that does not match its kind's spec: UNKNOWN_KIND, WRONG_DTYPE, WRONG_SIZE or
-    OUT_OF_RANGE. `payload` is the decoded (finite) 1-D array of the frame."""
+    """Refuse a payload that does not match its kind's spec: UNKNOWN_KIND, WRONG_DTYPE, WRONG_SIZE,
+    OUT_OF_RANGE or INVALID_PAYLOAD. `payload` is the decoded (finite) 1-D array of the frame."""
     spec = specs.get(kind)
     if spec is None:
         raise RemoteProtocolError(Reject.UNKNOWN_KIND, f"kind {kind[:64]!r} is not one we accept", peer)
@@ -75,3 +78,7 @@ def check(kind: str, dtype: str, payload: np.ndarray, specs: Mapping[str, Payloa
         raise RemoteProtocolError(Reject.WRONG_SIZE, f"{kind}: {payload.size} values, expected {spec.count}", peer)
     if spec.max_abs is not None and not within(payload, dtype, spec.max_abs):
         raise RemoteProtocolError(Reject.OUT_OF_RANGE, f"{kind}: a value exceeds |x| <= {spec.max_abs:g}", peer)
+    if spec.validate is not None:
+        problem = spec.validate(payload)
+        if problem is not None:
+            raise RemoteProtocolError(Reject.INVALID_PAYLOAD, f"{kind}: {problem}", peer)

@@ -58,6 +58,7 @@ from p2pfl.peers.transport import LogThrottle, PeerNetwork
 log = logging.getLogger("p2pfl.peers.node")
 
 SUSPECT_AFTER = 3        # rounds missed in a row before a neighbour is set aside
+DROPPED = 2**62          # "set aside until round DROPPED": for the rest of the run
 MAX_BENCH_ROUNDS = 64    # the longest a silent neighbour is set aside (it doubles per offence up to this)
 REFRESH_S = 5.0          # re-hello period
 BACKOFF_MAX_S = 30.0
@@ -114,6 +115,11 @@ class Membership:
 
     def _apply_neighbors(self) -> None:
         self.suspicion.release(self.peer.round)   # back on probation: one more missed round sets it aside again
+        for p in self.peer.algorithm.advice().drop - self.benched.keys():
+            # the algorithm's advice (e.g. a reputation below its threshold): set aside for the run, as a
+            # silent neighbour would be; its link slot frees and another neighbour can take it
+            self.benched[p] = DROPPED
+            log.info("neighbour %s dropped on the algorithm's advice", p)
         self._prune_links()
         active = self._active()
         if active != set(self.peer.tracker.neighbors):

@@ -186,3 +186,21 @@ def test_a_single_liar_cannot_raise_the_agreed_round(honest, lie):
     assert agreed_round(claims) <= max(honest)
     assert agreed_round(honest + honest[:1]) >= min(honest)
     assert agreed_round([7] * len(claims)) == 7
+
+
+def test_the_algorithms_advice_to_drop_a_neighbour_is_acted_on(tmp_path):
+    """An algorithm that advises dropping a neighbour (as reputation will): the node sets it aside for
+    the run, frees its link slot and refuses to link with it again."""
+    from p2pfl.algorithms import Advice
+
+    node = make_node(tmp_path, 0, degree=2)
+    bad, good = ident(1).peer_id, ident(2).peer_id
+    _accepted(node, bad, good)
+    assert set(node.peer.tracker.neighbors) == {bad, good}
+    node.peer.algorithm.advice = lambda: Advice(scores={bad: 0.0, good: 1.0}, drop=frozenset({bad}))
+    node._apply_neighbors()
+    assert node.peer.tracker.neighbors == [good] and bad not in node.links
+    assert trio.run(node._on_control, bad, {"t": "link"}) == {"t": "link", "ok": False}
+    node.peer.round = 10_000
+    node._apply_neighbors()
+    assert bad in node.benched and bad not in node.peer.tracker.neighbors

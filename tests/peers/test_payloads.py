@@ -252,3 +252,19 @@ def test_without_the_range_check_a_huge_mix_still_never_becomes_nan():
     assert victim.rejections()["non_finite_update"] >= 1
     assert torch.isfinite(flatten(victim.model)).all()
     assert sent and all(np.isfinite(v).all() for v in sent)
+
+
+def test_a_payload_kinds_own_validator_runs_at_the_door():
+    """An algorithm's validator (here: the payload must be a permutation of 0..n-1, as a ranking
+    would) refuses a frame with a counted reason; it runs only once dtype and size match."""
+    def permutation(a: np.ndarray) -> str | None:
+        return None if np.array_equal(np.sort(a), np.arange(a.size, dtype=a.dtype)) else "not a permutation"
+
+    specs = {"ranks": PayloadSpec("f32", 5, max_abs=None, validate=permutation)}
+    payloads.check("ranks", "f32", np.array([3, 1, 0, 4, 2], np.float32), specs, "p")
+    with pytest.raises(RemoteProtocolError) as e:
+        payloads.check("ranks", "f32", np.array([3, 3, 0, 4, 2], np.float32), specs, "liar")
+    assert e.value.reason is Reject.INVALID_PAYLOAD and "not a permutation" in str(e.value)
+    with pytest.raises(RemoteProtocolError) as e:
+        payloads.check("ranks", "f32", np.ones(4, np.float32), specs, "liar")
+    assert e.value.reason is Reject.WRONG_SIZE
