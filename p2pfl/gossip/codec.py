@@ -7,7 +7,7 @@ A frame is::
     u32 BE total   -- length of everything after these 4 bytes (= 4 + hlen + nbytes)
     u32 BE hlen    -- length of the msgpack header
     header         -- canonical msgpack map (keys sorted, minimal encodings):
-                      {"digest": bin32, "dtype": "f32"|"f16"|"bf16", "from": peer ID, "kind": str,
+                      {"digest": bin32, "dtype": "f32"|"f16"|"bf16"|"u16"|"u32", "from": peer ID, "kind": str,
                        "nbytes": int, "round": int, "schema": str, "sig": bin64, "step": int, "v": 1}
     payload        -- nbytes of little-endian tensor data
 
@@ -59,8 +59,10 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "ALL_DTYPES",
     "DTYPES",
     "FRAME_PREFIX_BYTES",
+    "INT_DTYPES",
     "LENGTH_PREFIX_BYTES",
     "MAX_HEADER_BYTES",
     "VERSION",
@@ -70,6 +72,7 @@ __all__ = [
     "encode",
     "frame_buffer",
     "read_frame_length",
+    "storage",
 ]
 
 VERSION: Final = 1
@@ -82,10 +85,15 @@ DIGEST_LEN: Final = 32
 _MAX_INT: Final = 2**63 - 1
 _MAX_TOTAL: Final = 2**32 - 1
 
-# Wire dtype -> little-endian numpy storage dtype (bf16: raw bits as uint16).
-_NP_DTYPES: Final[dict[str, np.dtype[Any]]] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
-_WIRE_DTYPES: Final = {dt.str: name for name, dt in _NP_DTYPES.items()}
-DTYPES: Final = tuple(_NP_DTYPES)
+# Wire dtype -> little-endian numpy storage dtype (bf16: raw bits as uint16). Floats carry models;
+# the unsigned integers carry indices such as rankings (they are never NaN/Inf).
+_NP_DTYPES: Final[dict[str, np.dtype[Any]]] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"),
+                                               "u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
+DTYPES: Final = ("f32", "f16", "bf16")      # the float wire dtypes
+INT_DTYPES: Final = ("u16", "u32")
+ALL_DTYPES: Final = DTYPES + INT_DTYPES
+# a numpy dtype -> its wire dtype when the caller does not say (uint16 alone is bf16 bits)
+_WIRE_DTYPES: Final = {"<f4": "f32", "<f2": "f16", "<u2": "bf16", "<u4": "u32"}
 
 _FIELDS: Final = ("digest", "dtype", "from", "kind", "nbytes", "round", "schema", "sig", "step", "v")
 _UNSIGNED_FIELDS: Final = tuple(f for f in _FIELDS if f != "sig")
@@ -113,15 +121,19 @@ class Frame:
     def __post_init__(self) -> None:
         expected = _NP_DTYPES.get(self.dtype)
         if expected is None:
-            raise LocalProtocolError(f"Frame.dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise LocalProtocolError(f"Frame.dtype must be one of {ALL_DTYPES}, got {self.dtype!r}")
         p = self.payload
         if not isinstance(p, np.ndarray) or p.ndim != 1 or p.dtype != expected:
             raise LocalProtocolError(f"Frame.payload must be a 1-D {expected} array for {self.dtype}")
 
     def tensor(self) -> torch.Tensor:
         """The payload as a 1-D torch tensor of the wire dtype, sharing memory (no copy). If the
-        receive buffer is read-only (``bytes``), the tensor must not be written to."""
+        receive buffer is read-only (``bytes``), the tensor must not be written to. Integer payloads
+        come as an int64 copy (torch does little with unsigned 16/32-bit tensors)."""
         import torch
+
+        if self.dtype in INT_DTYPES:
+            return torch.from_numpy(self.payload.astype(np.int64))
 
         arr = self.payload.view(np.int16) if self.dtype == "bf16" else self.payload
         if arr.flags.writeable:
@@ -144,13 +156,15 @@ def encode(
     step: int,
     schema: str,
     payload: np.ndarray | torch.Tensor,
+    dtype: str | None = None,
 ) -> list[bytes | memoryview]:
     """Sign and frame `payload`. Returns ``[prefix + header, payload bytes]`` for a vectored
     write; the second buffer is a view of the payload's own memory (no copy), so do not modify
     the tensor until the write completes. `payload` must be a 1-D contiguous CPU float32/float16/
     bfloat16 tensor or float32/float16/uint16(=bf16 bits) little-endian array; `schema` is the
-    caller's hash of parameter names/shapes/dtypes. Raises `LocalProtocolError` on misuse."""
-    arr, dtype = _wire_array(payload)
+    caller's hash of parameter names/shapes/dtypes. `dtype` names the wire dtype (needed for u16,
+    whose storage is bf16's); None infers it. Raises `LocalProtocolError` on misuse."""
+    arr, dtype = _wire_array(payload, dtype)
     problem = _field_problem(kind, round, step, schema)
     if problem:
         raise LocalProtocolError(f"cannot encode frame: {problem}")
@@ -174,7 +188,12 @@ def encode(
     return [_PREFIX.pack(total, len(head)) + head, body]
 
 
-def _wire_array(payload: object) -> tuple[np.ndarray, str]:
+def storage(dtype: str) -> np.dtype[Any]:
+    """The little-endian numpy dtype a wire dtype's payload is held in."""
+    return _NP_DTYPES[dtype]
+
+
+def _wire_array(payload: object, wire: str | None = None) -> tuple[np.ndarray, str]:
     torch = sys.modules.get("torch")  # a tensor can only exist if torch is already imported
     if torch is not None and isinstance(payload, torch.Tensor):
         if payload.device.type != "cpu":
@@ -188,12 +207,12 @@ def _wire_array(payload: object) -> tuple[np.ndarray, str]:
             raise LocalProtocolError(f"payload dtype {t.dtype} is not float32/float16/bfloat16")
     if not isinstance(payload, np.ndarray):
         raise LocalProtocolError(f"payload must be a numpy array or torch tensor, not {type(payload)}")
-    dtype = _WIRE_DTYPES.get(payload.dtype.str)
-    if dtype is None:
+    dtype = _WIRE_DTYPES.get(payload.dtype.str) if wire is None else wire
+    if dtype is None or dtype not in _NP_DTYPES or payload.dtype.str != _NP_DTYPES[dtype].str:
         raise LocalProtocolError(
-            f"payload dtype {payload.dtype.str} is not little-endian float32, float16 or "
-            "uint16 (bf16 bits)"
-        )
+            f"payload dtype {payload.dtype.str} is not the storage of wire dtype {wire!r}" if wire else
+            f"payload dtype {payload.dtype.str} is not little-endian float32, float16, uint16 (bf16 bits) "
+            "or uint32")
     if payload.ndim != 1 or not payload.flags.c_contiguous:
         raise LocalProtocolError("payload must be a 1-D contiguous array (flatten it first)")
     return payload, dtype
@@ -365,7 +384,7 @@ def _header_problem(h: dict[str, Any]) -> str | None:
     if type(h["from"]) is not str:
         return "'from' must be a str peer ID"
     if type(h["dtype"]) is not str or h["dtype"] not in _NP_DTYPES:
-        return f"dtype must be one of {DTYPES}"
+        return f"dtype must be one of {ALL_DTYPES}"
     if type(h["nbytes"]) is not int or not 0 <= h["nbytes"] <= _MAX_TOTAL:
         return "nbytes must be a non-negative u32 int"
     if type(h["digest"]) is not bytes or len(h["digest"]) != DIGEST_LEN:

@@ -30,7 +30,7 @@ from p2pfl.gossip import codec
 from p2pfl.gossip.values import within
 
 DEFAULT_MAX_ABS: Final = 1e6
-_ITEMSIZE: Final = {"f32": 4, "f16": 2, "bf16": 2}
+_ITEMSIZE: Final = {"f32": 4, "f16": 2, "bf16": 2, "u16": 2, "u32": 4}
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ class PayloadSpec:
     validate: Callable[[np.ndarray], str | None] | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in codec.DTYPES:
-            raise ConfigError(f"payload dtype: expected one of {codec.DTYPES}, got {self.dtype!r}")
+        if self.dtype not in codec.ALL_DTYPES:
+            raise ConfigError(f"payload dtype: expected one of {codec.ALL_DTYPES}, got {self.dtype!r}")
         if type(self.count) is not int or self.count < 0:
             raise ConfigError(f"payload count: expected an int >= 0, got {self.count!r}")
         if self.max_abs is not None and not (math.isfinite(self.max_abs) and self.max_abs > 0):

@@ -22,9 +22,12 @@ _NONFINITE_BITS: Final = {
 }
 
 
+_INTEGER = ("u16", "u32")
+
+
 def all_finite(payload: np.ndarray, dtype: str) -> bool:
     """Exactly: no element is NaN or +-Inf."""
-    if payload.size == 0:
+    if payload.size == 0 or dtype in _INTEGER:
         return True
     if dtype != "f32":
         return _bits_finite(payload, dtype)
@@ -67,6 +70,8 @@ def within(payload: np.ndarray, dtype: str, max_abs: float) -> bool:
     """Every element of a finite payload has |x| <= max_abs."""
     if payload.size == 0:
         return True
+    if dtype in _INTEGER:   # unsigned: |x| is x
+        return int(payload.max()) <= max_abs
     if dtype == "bf16":   # raw bits: widen to float32 by shifting into the high half
         wide = np.empty(min(_CHUNK, payload.size), dtype=np.uint32)
         for start in range(0, payload.size, _CHUNK):

@@ -104,7 +104,7 @@ class MemoryTransport:
         if net.wire:
             assert self.identity is not None
             item: object = b"".join(codec.encode(self.identity, kind=frame.kind, round=frame.round, step=frame.step,
-                                                 schema=frame.schema, payload=frame.payload))
+                                                 schema=frame.schema, payload=frame.payload, dtype=frame.dtype))
             size = len(item)  # type: ignore[arg-type]
         else:
             item, size = frame, frame.payload.nbytes

@@ -37,7 +37,8 @@ from p2pfl import algorithms
 from p2pfl.algorithms import Algorithm, Context, GossipConfig
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import payloads
-from p2pfl.gossip.codec import Frame
+from p2pfl.gossip.codec import INT_DTYPES, Frame
+from p2pfl.gossip.codec import storage as codec_storage
 from p2pfl.gossip.payloads import DEFAULT_MAX_ABS
 from p2pfl.gossip.rounds import StepTracker
 from p2pfl.learn.models import ParamLayout
@@ -238,7 +239,7 @@ class Peer:
                 # never modified in place after this point, so receivers may share the memory
                 await self.transport.send(nb, Frame(kind=kind, sender=self.id, round=t, step=q, schema=self.schema,
                                                     dtype=self.payloads[kind].dtype,
-                                                    payload=tensor.detach().cpu().numpy()))
+                                                    payload=self._wire(kind, tensor)))
         waited = 0.0
         if not self.tracker.complete:
             start = trio.current_time()
@@ -253,6 +254,13 @@ class Peer:
         if received:
             info.update(await self._compute(self.combine, t, q, received))
         return info
+
+    def _wire(self, kind: str, tensor: torch.Tensor) -> Any:
+        """The payload array of a tensor the algorithm sends: its floats as they are (no copy), integers
+        (an algorithm's int64 ranks, say) in the declared unsigned wire dtype."""
+        dtype = self.payloads[kind].dtype
+        array = tensor.detach().cpu().numpy()
+        return array.astype(codec_storage(dtype)) if dtype in INT_DTYPES else array
 
     def rejections(self) -> dict[str, int]:
         """Everything refused so far, by reason: the transport's, the algorithm's and ours. Safe from

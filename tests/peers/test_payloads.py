@@ -86,10 +86,10 @@ def test_the_frame_limit_follows_the_largest_payload():
         PayloadSpec("f32", 3, max_abs=float("nan"))
 
 
-def _send_raw(liar, target, kind: str, arr: np.ndarray) -> None:
+def _send_raw(liar, target, kind: str, arr: np.ndarray, dtype: str | None = None) -> None:
     """A validly signed frame with the federation's schema, straight into `target`'s inbox."""
     data = b"".join(codec.encode(liar.transport.identity, kind=kind, round=0, step=0, schema=liar.schema,
-                                 payload=arr))
+                                 payload=arr, dtype=dtype))
     target.transport._send.send_nowait((0.0, liar.id, data))
 
 
@@ -268,3 +268,87 @@ def test_a_payload_kinds_own_validator_runs_at_the_door():
     with pytest.raises(RemoteProtocolError) as e:
         payloads.check("ranks", "f32", np.ones(4, np.float32), specs, "liar")
     assert e.value.reason is Reject.WRONG_SIZE
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=50), st.sampled_from(["u16", "u32"]))
+def test_integer_payloads_round_trip_through_the_codec(values, dtype):
+    store = codec.storage(dtype)
+    arr = np.array([v % (2**16) if dtype == "u16" else v for v in values], dtype=store)
+    data = b"".join(codec.encode(ident(0), kind="ranks", round=1, step=0, schema=SCHEMA, payload=arr, dtype=dtype))
+    frame = codec.decode(data, schema=SCHEMA, max_frame_bytes=len(data))
+    assert frame.dtype == dtype and np.array_equal(frame.payload, arr)
+    assert frame.tensor().tolist() == arr.astype(np.int64).tolist()
+    # without a dtype, uint16 storage means bf16 bits, and a wrong storage is refused
+    bits = np.array([0x3F80, 0x4000], np.uint16)   # bf16 1.0 and 2.0
+    assert codec.decode(b"".join(codec.encode(ident(0), kind="m", round=1, step=0, schema=SCHEMA, payload=bits)),
+                        schema=SCHEMA, max_frame_bytes=1 << 20).dtype == "bf16"
+    with pytest.raises(codec.LocalProtocolError):
+        codec.encode(ident(0), kind="m", round=1, step=0, schema=SCHEMA, payload=arr.astype(np.int64), dtype=dtype)
+
+
+def test_an_algorithm_sends_integer_rankings_checked_at_the_door():
+    """A test-defined algorithm gossips a ranking (u16 on the wire, int64 in torch), validated as a
+    permutation: honest peers receive each other's rankings; a liar's duplicate ranks are refused."""
+    from dataclasses import dataclass
+
+    from p2pfl import algorithms
+    from p2pfl.algorithms import Algorithm
+
+    n = 12
+
+    def permutation(a: np.ndarray) -> str | None:
+        return None if np.array_equal(np.sort(a), np.arange(a.size)) else "not a permutation"
+
+    @dataclass(frozen=True)
+    class NoParams:
+        pass
+
+    @algorithms.register("rank_echo_test", params=NoParams)
+    class RankEcho(Algorithm):
+        """rankings only"""
+
+        def __init__(self, ctx, params):
+            super().__init__(ctx, params)
+            self.gen = torch.Generator().manual_seed(ctx.seed)
+            self.heard: dict[str, torch.Tensor] = {}
+
+        def payloads(self):
+            return {"ranks": PayloadSpec("u16", n, max_abs=n - 1, validate=permutation)}
+
+        def local_update(self, t):
+            self.ranks = torch.randperm(n, generator=self.gen)
+            return {}
+
+        def outgoing(self, t, q, neighbor):
+            return {"ranks": self.ranks}
+
+        def combine(self, t, q, received):
+            self.heard = {p: r["ranks"] for p, r in received.items()}
+            return {}
+
+        def vector(self):
+            return self.ranks.float()
+
+    config = PeerConfig(train=TrainConfig(lr=0.1, local_steps=1, batch_size=8), step_timeout_s=5.0,
+                        algorithm="rank_echo_test")
+    network = MemoryNetwork(wire=True)
+    peers = make_peers(3, network, config=config)
+    honest, liar = peers[:2], peers[2]
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for p in honest:
+                nursery.start_soon(run_one, p)
+            for p in honest:
+                _send_raw(liar, p, "ranks", np.array([0] * n, np.uint16), "u16")   # not a permutation
+
+    async def run_one(p):
+        async with p:
+            await p.train(1)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    a, b = honest
+    assert torch.equal(a.algorithm.heard[b.id], b.algorithm.ranks) and a.algorithm.heard[b.id].dtype == torch.int64
+    assert all(p.transport.stats.rejected == {"invalid_payload": 1} for p in honest)
+    algorithms.REGISTRY.pop("rank_echo_test")

@@ -98,14 +98,14 @@ class FramePath(ControlPath):
         """Encode (digest + signature) once per vector: a peer sends the same frame to every
         neighbour. The cache holds the payload array, so its address cannot be reused meanwhile."""
         p = frame.payload
-        key = (p.__array_interface__["data"][0], p.nbytes, p.dtype.str, frame.kind, frame.round, frame.step,
+        key = (p.__array_interface__["data"][0], p.nbytes, frame.dtype, frame.kind, frame.round, frame.step,
                frame.schema)
         if self._encoded is not None and self._encoded[0] == key:
             return self._encoded[2]
 
         def enc() -> list[bytes | memoryview]:
             return codec.encode(self.identity, kind=frame.kind, round=frame.round, step=frame.step,
-                                schema=frame.schema, payload=p)
+                                schema=frame.schema, payload=p, dtype=frame.dtype)
 
         buffers = await trio.to_thread.run_sync(enc) if p.nbytes > _OFFLOAD_BYTES else enc()
         self._encoded = (key, p, buffers)
