@@ -22,6 +22,7 @@ goes into `counters`, which the driver adds to the peer's rejections.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,37 +72,40 @@ class Advice:
     drop: frozenset[str] = frozenset()
 
 
-class Algorithm:
-    """Base class of every algorithm; subclasses override what differs. See the module docstring."""
-
-    Params: type = type(None)   # the frozen dataclass of the algorithm's own parameters
+class Algorithm(ABC):
+    """Base class of every algorithm: the five abstract methods are what each one must say; the rest
+    have defaults a subclass overrides where it differs. See the module docstring."""
 
     def __init__(self, ctx: Context, params: Any = None) -> None:
         self.ctx, self.params = ctx, params
         self.neighbors: dict[str, float] = dict(ctx.neighbors)
         self.counters: Counter[str] = Counter()
 
+    @abstractmethod
     def payloads(self) -> Mapping[str, PayloadSpec]:
-        raise NotImplementedError
+        """Each payload kind a neighbour's frame may carry (checked at the transport boundary)."""
 
+    @abstractmethod
     def local_update(self, t: int) -> Mapping[str, Any]:
-        raise NotImplementedError
+        """Train on local data for round t; returns keys for the round event (train_loss, ...)."""
 
+    @abstractmethod
     def outgoing(self, t: int, q: int, neighbor: str) -> Mapping[str, Tensor] | None:
-        raise NotImplementedError
+        """What to send `neighbor` at gossip step (t, q): {kind: 1-D tensor}, or None for nothing."""
 
+    @abstractmethod
     def combine(self, t: int, q: int, received: Received) -> Mapping[str, Any]:
-        raise NotImplementedError
+        """Fold in what arrived at (t, q), keyed by peer ID; returns keys for the round event."""
 
-    def end_round(self, t: int) -> None:
+    def end_round(self, t: int) -> None:  # noqa: B027 -- optional hook: no work by default
         """Called once the round's gossip steps are over, before the driver evaluates the model."""
 
-    def model_loaded(self) -> None:
+    def model_loaded(self) -> None:  # noqa: B027 -- optional hook: no state to re-read by default
         """The model's parameters were replaced from outside (a checkpoint was applied): re-read them."""
 
+    @abstractmethod
     def vector(self) -> Tensor:
         """The shared state as one 1-D tensor (consensus distance across peers, non-finite checks)."""
-        raise NotImplementedError
 
     def set_neighbors(self, weights: Mapping[str, float]) -> None:
         self.neighbors = dict(weights)

@@ -284,13 +284,16 @@ def decode(
     schema: str | None,
     max_frame_bytes: int,
     peer: str | None = None,
+    check_finite: bool = True,
 ) -> Frame:
     """Verify and decode one complete frame (length prefix included) without copying its payload.
 
     `schema`: the expected schema hash, or None to accept any. `max_frame_bytes`: the largest
     frame accepted, prefix included. `peer`: the authenticated transport peer the bytes came
     from; when given, a frame whose "from" differs is rejected (`Reject.FORGED_SENDER`) and every
-    error carries it. Raises `RemoteProtocolError` with the reason for any defect.
+    error carries it. `check_finite=False` skips the NaN/Inf scan, for a caller that checks the
+    payload itself (`payloads.check` does, together with its range, in one pass). Raises
+    `RemoteProtocolError` with the reason for any defect.
     """
     buf = _byte_view(data)
     head, body = _split(buf, max_frame_bytes, peer)
@@ -314,7 +317,7 @@ def decode(
     if _digest(body) != h["digest"]:
         raise RemoteProtocolError(Reject.BAD_DIGEST, "payload does not match its digest", who)
     payload = np.frombuffer(body, dtype=_NP_DTYPES[dtype])
-    if not all_finite(payload, dtype):
+    if check_finite and not all_finite(payload, dtype):
         raise RemoteProtocolError(Reject.NON_FINITE, "payload contains NaN or Inf", who)
     return Frame(h["kind"], sender, h["round"], h["step"], h["schema"], dtype, payload)
 

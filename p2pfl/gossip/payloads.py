@@ -27,7 +27,7 @@ import numpy as np
 
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import codec
-from p2pfl.gossip.values import within
+from p2pfl.gossip.values import bounded
 
 DEFAULT_MAX_ABS: Final = 1e6
 _ITEMSIZE: Final = {"f32": 4, "f16": 2, "bf16": 2, "u16": 2, "u32": 4}
@@ -67,16 +67,21 @@ def max_frame_bytes(specs: Mapping[str, PayloadSpec]) -> int:
 
 
 def check(kind: str, dtype: str, payload: np.ndarray, specs: Mapping[str, PayloadSpec], peer: str | None) -> None:
-    """Refuse a payload that does not match its kind's spec: UNKNOWN_KIND, WRONG_DTYPE, WRONG_SIZE,
-    OUT_OF_RANGE or INVALID_PAYLOAD. `payload` is the decoded (finite) 1-D array of the frame."""
+    """Refuse a payload that does not match its kind's spec: NON_FINITE, UNKNOWN_KIND, WRONG_DTYPE,
+    WRONG_SIZE, OUT_OF_RANGE or INVALID_PAYLOAD (in that order of precedence). `payload` is the
+    decoded 1-D array of the frame; its finiteness and range take one pass over it (transports decode
+    with the codec's own finiteness check off and rely on this one)."""
     spec = specs.get(kind)
+    values = bounded(payload, dtype, spec.max_abs if spec is not None and spec.dtype == dtype else None)
+    if values == "non_finite":
+        raise RemoteProtocolError(Reject.NON_FINITE, "payload contains NaN or Inf", peer)
     if spec is None:
         raise RemoteProtocolError(Reject.UNKNOWN_KIND, f"kind {kind[:64]!r} is not one we accept", peer)
     if dtype != spec.dtype:
         raise RemoteProtocolError(Reject.WRONG_DTYPE, f"{kind}: dtype {dtype}, expected {spec.dtype}", peer)
     if payload.ndim != 1 or payload.size != spec.count:
         raise RemoteProtocolError(Reject.WRONG_SIZE, f"{kind}: {payload.size} values, expected {spec.count}", peer)
-    if spec.max_abs is not None and not within(payload, dtype, spec.max_abs):
+    if values == "out_of_range":
         raise RemoteProtocolError(Reject.OUT_OF_RANGE, f"{kind}: a value exceeds |x| <= {spec.max_abs:g}", peer)
     if spec.validate is not None:
         problem = spec.validate(payload)

@@ -89,3 +89,18 @@ def within(payload: np.ndarray, dtype: str, max_abs: float) -> bool:
         if float(np.abs(payload[start:start + _CHUNK]).max()) > max_abs:
             return False
     return True
+
+
+def bounded(payload: np.ndarray, dtype: str, max_abs: float | None) -> str | None:
+    """None if every element is finite and (with a bound) |x| <= max_abs, else "non_finite" or
+    "out_of_range". One BLAS pass decides an ordinary float32 payload both ways; the exact scans run
+    only when that pass cannot."""
+    if max_abs is None or payload.size == 0:
+        return None if all_finite(payload, dtype) else "non_finite"
+    if dtype == "f32" and payload.flags.aligned:
+        with np.errstate(all="ignore"):
+            if float(np.dot(payload, payload)) <= 0.25 * max_abs * max_abs:   # see `within`
+                return None
+    if not all_finite(payload, dtype):
+        return "non_finite"
+    return None if within(payload, dtype, max_abs) else "out_of_range"

@@ -63,7 +63,7 @@ ALGORITHMS: dict[str, dict[str, float]] = {
     # plain local SGD, then gossip.
     "dfedavg": {"rho": 0.0, "momentum": 0.0},
     # DFedAvgM, the same paper's heavy-ball variant. 0.9 is the customary beta; it is also the SGD
-    # momentum recalled (unverified) for the DFedSAM paper's runs (shared/ALGORITHMS.md, section 1).
+    # momentum recalled, unverified, for the DFedSAM paper's runs.
     "dfedavgm": {"rho": 0.0, "momentum": 0.9},
     # DFedSAM (Shi et al., ICML 2023, arXiv 2302.04083), Alg. 1: a plain SGD step at the SAM point.
     # rho 0.05 is davda54/sam's default, used by the public reimplementations (the paper: ~0.01-0.05).

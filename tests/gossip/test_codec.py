@@ -6,7 +6,6 @@ import struct
 import warnings
 from typing import Any
 
-import blake3
 import msgpack
 import numpy as np
 import pytest
@@ -25,12 +24,12 @@ from p2pfl.gossip.codec import (
     read_frame_length,
 )
 from p2pfl.gossip.identity import Identity
+from p2pfl.testing import DROP, forged_frame_bytes
 
 ALICE = Identity.generate(bytes(32))
 BOB = Identity.generate(b"\x01" * 32)
 SCHEMA = "ab" * 32
 MAX = 1 << 30
-DROP = object()
 
 
 def bits_to_payload(bits: np.ndarray, dtype: str) -> np.ndarray:
@@ -55,20 +54,8 @@ def make(payload: Any, identity: Identity = ALICE, **kw: Any) -> bytes:
 
 
 def forge(payload: bytes = b"\0" * 8, signer: Identity = ALICE, **fields: Any) -> bytes:
-    """An independent implementation of DESIGN.md's frame layout, with overridable fields."""
-    h: dict[str, Any] = {
-        "digest": blake3.blake3(payload).digest(), "dtype": "f32", "from": signer.peer_id, "kind": "model",
-        "nbytes": len(payload), "round": 1, "schema": SCHEMA, "step": 0, "v": 1,
-    }
-    for k, v in fields.items():
-        if v is DROP:
-            h.pop(k, None)
-        else:
-            h[k] = v
-    if "sig" not in h:
-        h["sig"] = signer.sign(msgpack.packb(dict(sorted(h.items()))))
-    head = msgpack.packb(dict(sorted(h.items())))
-    return struct.pack(">II", 4 + len(head) + len(payload), len(head)) + head + payload
+    """The frame layout written independently of the codec (p2pfl.testing), with overridable fields."""
+    return forged_frame_bytes(signer, payload, **({"round": 1, "schema": SCHEMA} | fields))
 
 
 def reject(data: Any, reason: Reject | None = None, **kw: Any) -> RemoteProtocolError:

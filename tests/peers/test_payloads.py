@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
-from p2pfl.gossip import codec, payloads
+from p2pfl.gossip import codec, payloads, values
 from p2pfl.gossip.codec import Frame
 from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.learn.models import flatten
@@ -59,8 +59,8 @@ def test_check_names_each_mismatch(case):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(-1e7, 1e7, width=32), min_size=1, max_size=300),
        st.floats(1e-3, 1e7), st.sampled_from(["f32", "f16", "bf16"]))
-def test_within_agrees_with_an_exact_scan(values, bound, dtype):
-    arr = np.array(values, dtype=np.float32)
+def test_within_agrees_with_an_exact_scan(numbers, bound, dtype):
+    arr = np.array(numbers, dtype=np.float32)
     if dtype == "f16":
         with np.errstate(over="ignore"):
             arr = arr.astype(np.float16)
@@ -72,7 +72,7 @@ def test_within_agrees_with_an_exact_scan(values, bound, dtype):
     else:
         wire = arr
     exact = bool(np.all(np.abs(arr.astype(np.float64)) <= bound))
-    assert payloads.within(wire, dtype, bound) == exact
+    assert values.within(wire, dtype, bound) == exact
 
 
 def test_the_frame_limit_follows_the_largest_payload():
@@ -352,3 +352,13 @@ def test_an_algorithm_sends_integer_rankings_checked_at_the_door():
     assert torch.equal(a.algorithm.heard[b.id], b.algorithm.ranks) and a.algorithm.heard[b.id].dtype == torch.int64
     assert all(p.transport.stats.rejected == {"invalid_payload": 1} for p in honest)
     algorithms.REGISTRY.pop("rank_echo_test")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=0, max_size=200),
+       st.one_of(st.none(), st.floats(1e-3, 1e7)))
+def test_one_pass_range_check_agrees_with_the_separate_checks(values_, bound):
+    arr = np.array(values_, dtype=np.float32)
+    expected = ("non_finite" if not values.all_finite(arr, "f32") else
+                "out_of_range" if bound is not None and not values.within(arr, "f32", bound) else None)
+    assert values.bounded(arr, "f32", bound) == expected

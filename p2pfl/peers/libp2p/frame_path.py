@@ -251,7 +251,8 @@ class FramePath(ControlPath):
                 self._notify()
 
     def _decode(self, buf: memoryview, peer: str) -> Frame:
-        frame = codec.decode(buf, schema=self.hello_template.schema, max_frame_bytes=self.max_frame_bytes, peer=peer)
+        frame = codec.decode(buf, schema=self.hello_template.schema, max_frame_bytes=self.max_frame_bytes, peer=peer,
+                             check_finite=self.payloads is None)   # payload_specs.check scans it instead
         if self.payloads is not None:
             payload_specs.check(frame.kind, frame.dtype, frame.payload, self.payloads, peer)
         return frame
