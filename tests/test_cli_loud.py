@@ -109,7 +109,7 @@ def test_ctrl_c_on_sim_writes_what_it_has_and_exits_130(tmp_path):
         first = wait_for_line(p, "round ")      # the rounds are running
         assert first.startswith("round 1/100000 (3 peers)")
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=LIMIT_S)
+        _, err = p.communicate(timeout=LIMIT_S)
     finally:
         if p.poll() is None:
             p.kill()

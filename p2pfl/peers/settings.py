@@ -142,7 +142,7 @@ class PeerSettings(LearningSettings):
 
 
 def _multiaddr(key: str, addr: str, example: str) -> None:
-    import multiaddr
+    import multiaddr  # type: ignore[import-untyped]
 
     try:
         multiaddr.Multiaddr(addr)

@@ -33,7 +33,6 @@ import trio
 import trio.testing
 
 from p2pfl.files import MetricsLog, write_json
-from p2pfl.peers.preflight import make_out_dir
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.topology import build_topology, metropolis_hastings, neighbors, spectral_gap
 from p2pfl.learn.datasets import Dataset, load_dataset
@@ -42,6 +41,7 @@ from p2pfl.learn.partition import partition
 from p2pfl.learn.train import LocalTrainer, evaluate
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
+from p2pfl.peers.preflight import make_out_dir
 from p2pfl.sim import cast as attacks
 from p2pfl.sim.results import accuracy_table, consensus_distance, plot_accuracy, plot_consensus, read_events
 from p2pfl.sim.scenario import Scenario

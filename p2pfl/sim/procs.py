@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 
 from p2pfl.files import MetricsLog, save_identity, write_json
-from p2pfl.peers.preflight import make_out_dir
 from p2pfl.gossip.topology import neighbors, spectral_gap
+from p2pfl.peers.preflight import make_out_dir
 from p2pfl.sim import cast as attacks
 from p2pfl.sim.cast import choose_attackers
 from p2pfl.sim.engine import Setup, centralized_reference
