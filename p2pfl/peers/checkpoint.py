@@ -147,8 +147,8 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu",
     except OSError as e:
         raise ConfigError(f"resume: {path}: cannot read it: {e.strerror}") from None
     if not data:
-        raise ConfigError(f"resume: {path}: the file is empty (0 bytes), so not a checkpoint; a peer killed "
-                          "before its first round writes none: start over with --fresh")
+        raise ConfigError(f"resume: {path}: the file is empty (0 bytes), so not a checkpoint (a peer never "
+                          "writes an empty one: it was truncated or replaced); start over with --fresh")
     try:
         _check_seal(data)
         try:   # the very bytes the seal covers, not the file again (it could have changed since)
