@@ -7,6 +7,11 @@ exchange and refresh) and neighbour selection. Those are the `Membership` layer 
 inherits (membership.py: how peers are found, linked, set aside and taken back); this module is
 the process around them: settings, data and model, checkpoints, the round loop, signals, metrics
 and the summary.
+Before it joins anyone the node locks its output folder and checks its ports (preflight.py), and
+records its settings in `<out>/settings.json` (what `--resume` restores). Round 0 waits for
+`min_neighbors` until `start_timeout`; with no neighbour at all by then the run fails
+(`StartTimeout`: one line, exit 1) unless `alone` allows training without neighbours, so a
+bootstrap nobody answers never turns into a silent run on the whole dataset.
 The round loop runs `peer.train(1)` per round. Before each round it applies neighbour changes
 (who is set aside, and when it comes back: membership.py), jumps ahead when a majority of its
 neighbours are further on (`agreed_round` over the neighbours' round claims: a late joiner or a
@@ -237,9 +242,10 @@ class Node(Membership):
         unless the peer may train alone (`alone`: then with nothing to dial it starts at once)."""
         s = self.s
         waits_for = (*s.bootstrap, *s.neighbors)
-        if not (s.alone and not waits_for):
-            with trio.move_on_after(s.start_timeout):
-                await self.transport.wait_until(lambda: len(self._active()) >= s.min_neighbors)
+        if s.alone and not waits_for:
+            return True   # nothing to wait for; peers that dial us later still join
+        with trio.move_on_after(s.start_timeout):
+            await self.transport.wait_until(lambda: len(self._active()) >= s.min_neighbors)
         n = len(self._active())
         if n == 0 and not s.alone and s.min_neighbors > 0:
             what = (f"none of {', '.join(waits_for)} answered" if waits_for
