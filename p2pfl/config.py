@@ -9,6 +9,7 @@ keys, the allowed ones). Ints are accepted for floats; a single value for a list
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import sys
 import types
@@ -84,12 +85,21 @@ def build(cls: Callable[..., C], values: dict[str, Any], source: str,
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
+        raise ConfigError(f"{source}: {unknown_keys(unknown, known)}; allowed keys: {', '.join(sorted(known))}")
     out = {}
     for k, v in values.items():
         parsed = special(k, v) if special else NotImplemented
         out[k] = coerce(cls, k, v) if parsed is NotImplemented else parsed  # type: ignore[arg-type]
     return cls(**out)
+
+
+def unknown_keys(unknown: list[str], known: set[str]) -> str:
+    """The text "unknown keys 'lr_rate' (did you mean 'lr'?), 'x'": every unknown key, each with the
+    closest known one when there is a close one (a typo), for one message."""
+    def one(k: str) -> str:
+        close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.6)
+        return repr(k) + (f" (did you mean {close[0]!r}?)" if close else "")
+    return f"unknown key{'s' if len(unknown) > 1 else ''} " + ", ".join(one(k) for k in unknown)
 
 
 def _check_toml(values: dict[str, Any], source: str) -> None:

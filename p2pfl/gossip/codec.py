@@ -1,4 +1,4 @@
-"""The wire codec: one signed, self-describing frame per tensor (DESIGN.md "Wire format").
+"""The wire codec: one signed, self-describing frame per tensor (docs/architecture.md, "Wire format").
 
 Theory of operation
 -------------------

@@ -37,17 +37,20 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         finite = math.isfinite
-        checks = {
-            "lr": self.lr > 0 and finite(self.lr), "lr_decay": 0 < self.lr_decay <= 1,
-            "momentum": 0 <= self.momentum < 1, "weight_decay": 0 <= self.weight_decay < math.inf,
-            "batch_size": self.batch_size >= 1, "local_epochs": 0 < self.local_epochs < math.inf,
-            "rho": 0 <= self.rho < math.inf,
-            "local_steps": self.local_steps is None or self.local_steps >= 1,
-            "max_grad_norm": self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
+        checks = {   # key: (valid, what is allowed)
+            "lr": (self.lr > 0 and finite(self.lr), "> 0 and finite"),
+            "lr_decay": (0 < self.lr_decay <= 1, "in (0, 1]"),
+            "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
+            "weight_decay": (0 <= self.weight_decay < math.inf, ">= 0 and finite"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "local_epochs": (0 < self.local_epochs < math.inf, "> 0 and finite"),
+            "rho": (0 <= self.rho < math.inf, ">= 0 and finite (0: plain SGD)"),
+            "local_steps": (self.local_steps is None or self.local_steps >= 1, ">= 1 (or unset: local_epochs)"),
+            "max_grad_norm": (self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf, "> 0 and finite"),
         }
-        for key, ok in checks.items():
+        for key, (ok, allowed) in checks.items():
             if not ok:
-                raise ConfigError(f"{key}: invalid value {getattr(self, key)!r}")
+                raise ConfigError(f"{key}: must be {allowed}, got {getattr(self, key)!r}")
 
     def steps_per_round(self, n_samples: int) -> int:
         if self.local_steps is not None:

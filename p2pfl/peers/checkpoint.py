@@ -146,6 +146,9 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu",
         raise ConfigError(f"resume: no {FILENAME} in {directory}") from None
     except OSError as e:
         raise ConfigError(f"resume: {path}: cannot read it: {e.strerror}") from None
+    if not data:
+        raise ConfigError(f"resume: {path}: the file is empty (0 bytes), so not a checkpoint (a peer never "
+                          "writes an empty one: it was truncated or replaced); start over with --fresh")
     try:
         _check_seal(data)
         try:   # the very bytes the seal covers, not the file again (it could have changed since)

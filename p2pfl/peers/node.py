@@ -7,6 +7,11 @@ exchange and refresh) and neighbour selection. Those are the `Membership` layer 
 inherits (membership.py: how peers are found, linked, set aside and taken back); this module is
 the process around them: settings, data and model, checkpoints, the round loop, signals, metrics
 and the summary.
+Before it joins anyone the node locks its output folder and checks its ports (preflight.py), and
+records its settings in `<out>/settings.json` (what `--resume` restores). Round 0 waits for
+`min_neighbors` until `start_timeout`; with no neighbour at all by then the run fails
+(`StartTimeout`: one line, exit 1) unless `alone` allows training without neighbours, so a
+bootstrap nobody answers never turns into a silent run on the whole dataset.
 The round loop runs `peer.train(1)` per round. Before each round it applies neighbour changes
 (who is set aside, and when it comes back: membership.py), jumps ahead when a majority of its
 neighbours are further on (`agreed_round` over the neighbours' round claims: a late joiner or a
@@ -33,14 +38,15 @@ import numpy as np
 import torch
 import trio
 
-from p2pfl.errors import ConfigError, LocalProtocolError
+from p2pfl.errors import ConfigError, LocalProtocolError, P2PFLError
 from p2pfl.files import MetricsLog, load_identity, save_identity, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.rounds import agreed_round
 from p2pfl.learn.datasets import load_dataset
 from p2pfl.learn.models import ParamLayout, make_model
 from p2pfl.learn.partition import partition
-from p2pfl.peers import checkpoint
+from p2pfl.peers import checkpoint, preflight
+from p2pfl.peers import settings as peer_settings
 from p2pfl.peers.exchange import DialPolicy
 from p2pfl.peers.factory import make_peer
 from p2pfl.peers.libp2p import Hello, Libp2pTransport
@@ -61,8 +67,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def identity_of(s: PeerSettings) -> Identity:
-    """The peer's key, refused if group or others may read it (as ssh does); generated when absent."""
+def identity_of(s: PeerSettings, report: Callable[[str], None] = lambda line: None) -> Identity:
+    """The peer's key, refused if group or others may read it (as ssh does); generated when absent
+    (and a `key` file that did not exist is reported: the user may have meant another path)."""
     if s.resume and s.key is None and (Path(s.resume) / "peer.key").exists():
         return load_identity(Path(s.resume) / "peer.key", owner_only=True)
     if s.key is not None and Path(s.key).exists():
@@ -71,7 +78,12 @@ def identity_of(s: PeerSettings) -> Identity:
     path = Path(s.key) if s.key is not None else Path(s.out) / "peer.key"
     if path.exists():
         return load_identity(path, owner_only=True)
-    save_identity(ident, path)
+    try:
+        save_identity(ident, path)
+    except OSError as e:
+        raise ConfigError(f"key: cannot write {path}: {e.strerror}") from None
+    if s.key is not None:
+        report(f"key: {path} did not exist; created a new identity there (peer ID {ident.peer_id})")
     return ident
 
 
@@ -88,11 +100,18 @@ class Node(Membership):
     def __init__(self, s: PeerSettings, report: Callable[[str], None] = print) -> None:
         self.s, self.report = s, report
         self.out = Path(s.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = preflight.claim_out(self.out)   # refuses a folder another live peer writes to
+        try:
+            self._build(s)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, s: PeerSettings) -> None:
         self.device = resolve_device(s.device)
         if s.threads:
             torch.set_num_threads(s.threads)
-        self.identity = identity_of(s)
+        self.identity = identity_of(s, self.report)
         i, n = s.shard_index()
         rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
         data = load_dataset(s.dataset, seed=s.seed)
@@ -154,17 +173,25 @@ class Node(Membership):
         self.first_round = self.peer.round
         self._train_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        self._start_failure: str | None = None
+        write_json(self.out / peer_settings.SETTINGS_FILE, peer_settings.saved(s))   # what --resume restores
 
     # -- entry point ------------------------------------------------------------------------------
     async def main(self) -> dict[str, Any]:
         wall = time.perf_counter()
-        # bound before the transport: a port in use stops the peer before it joins anyone
-        url = self.prometheus.serve(self.s.metrics_host, self.s.metrics_port) if self.prometheus else None
+        url = None
         try:
-            return await self._main(wall, url)
+            # before the transport: a port in use stops the peer before it joins anyone
+            preflight.check_ports(self.s.listen, self.s.bulk_port)
+            url = self.prometheus.serve(self.s.metrics_host, self.s.metrics_port) if self.prometheus else None
+            summary = await self._main(wall, url)
         finally:
             if self.prometheus is not None:
                 self.prometheus.close()
+            self.lock.release()
+        if self._start_failure is not None:
+            raise StartTimeout(self._start_failure)
+        return summary
 
     async def _main(self, wall: float, metrics_url: str | None) -> dict[str, Any]:
         async with self.transport:
@@ -184,12 +211,15 @@ class Node(Membership):
                 for addr in (*self.s.bootstrap, *(a for a in self.s.neighbors if "/p2p/" in a)):
                     nursery.start_soon(self._bootstrap, addr)
                 with trio.CancelScope() as self._train_scope:
-                    await self._wait_start()
-                    await self._rounds()
+                    if await self._wait_start():
+                        await self._rounds()
                 if not self.stopping:
                     with trio.move_on_after(10):
                         await self.transport.flush()
                 nursery.cancel_scope.cancel()
+        if self._start_failure is not None:
+            self.metrics.close()
+            return {}
         if self._last_snapshot is not None:
             checkpoint.write(self.out, self._last_snapshot)
         summary = self._summary(time.perf_counter() - wall)
@@ -207,11 +237,25 @@ class Node(Membership):
                 return
 
     # -- rounds -----------------------------------------------------------------------------------
-    async def _wait_start(self) -> None:
-        with trio.move_on_after(self.s.start_timeout):
-            await self.transport.wait_until(lambda: len(self._active()) >= self.s.min_neighbors)
-        if len(self._active()) < self.s.min_neighbors:
-            self.report(f"start timeout: starting with {len(self._active())} neighbour(s)")
+    async def _wait_start(self) -> bool:
+        """Wait for min_neighbors until start_timeout; False (the run fails) if nobody came by then,
+        unless the peer may train alone (`alone`: then with nothing to dial it starts at once)."""
+        s = self.s
+        waits_for = (*s.bootstrap, *s.neighbors)
+        if s.alone and not waits_for:
+            return True   # nothing to wait for; peers that dial us later still join
+        with trio.move_on_after(s.start_timeout):
+            await self.transport.wait_until(lambda: len(self._active()) >= s.min_neighbors)
+        n = len(self._active())
+        if n == 0 and not s.alone and s.min_neighbors > 0:
+            what = (f"none of {', '.join(waits_for)} answered" if waits_for
+                    else "no peer joined (start the others with --bootstrap pointing here)")
+            self._start_failure = (f"start timeout: no neighbour after {s.start_timeout:g} s: {what}; "
+                                   "raise --start-timeout, or pass --alone to train without neighbours")
+            return False
+        if n < s.min_neighbors:
+            self.report(f"start timeout: starting with {n} neighbour(s)")
+        return True
 
     async def _rounds(self) -> None:
         while self.peer.round < self.s.rounds:
@@ -283,6 +327,10 @@ class Node(Membership):
             "rejected": self.peer.rejections(), "neighbors": sorted(self.peer.tracker.neighbors), "device": str(self.device),
             "attack": s.attack, "byzantine": self.byzantine,
         }
+
+
+class StartTimeout(P2PFLError):
+    """Nobody to train with by the start timeout (and the peer may not train alone)."""
 
 
 def run(s: PeerSettings, report: Callable[[str], None] = print) -> dict[str, Any]:

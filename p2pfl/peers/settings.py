@@ -11,6 +11,7 @@ is opened.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ class PeerSettings(LearningSettings):
     neighbors: tuple[str, ...] = ()     # explicit neighbours (peer IDs or multiaddrs); else pick `degree`
     degree: int = 4
     min_neighbors: int = 1
-    start_timeout: float = 60.0         # start round 0 after this long even without min_neighbors
+    start_timeout: float = 60.0         # wait this long for min_neighbors; with none by then, fail (or alone)
+    alone: bool = False                 # may train without any neighbour (else nobody by start_timeout fails)
     resume: str | None = None           # a folder holding checkpoint.pt
     fresh: bool = False                 # start over even if `out` holds a checkpoint (else refused)
     network_key: str | None = None      # file with a 64-hex-char pre-shared key (libp2p pnet)
@@ -79,7 +81,20 @@ class PeerSettings(LearningSettings):
             raise ConfigError("metrics_host: empty; give an address to bind, e.g. 127.0.0.1")
         if self.fresh and self.resume:
             raise ConfigError("fresh: given with resume; either continue a checkpoint or start over, not both")
+        self.check_addresses()
         self.check_attack()
+
+    def check_addresses(self) -> None:
+        """Every multiaddr parses, and those we dial name the peer (/p2p/<id>): refused now, not by a
+        dial that fails quietly in the background while the peer trains alone."""
+        for a in self.listen:
+            _multiaddr("listen", a, "/ip4/0.0.0.0/tcp/4001")
+        dialled = [("bootstrap", a) for a in self.bootstrap] + [("neighbors", a) for a in self.neighbors if "/" in a]
+        for key, a in dialled:
+            if "/p2p/" not in a:
+                raise ConfigError(f"{key}: {a!r} names no peer; expected /ip4/A/tcp/P/p2p/12D3KooW... "
+                                  "(the line the other peer printed after 'listening on')")
+            _multiaddr(key, a, "/ip4/A/tcp/P/p2p/12D3KooW...")
 
     def check_attack(self) -> None:
         """What a real attacker cannot be given (beyond the shared checks of the attack keys)."""
@@ -126,8 +141,65 @@ class PeerSettings(LearningSettings):
                 "algorithm_params": json.dumps(self.algorithm_params, sort_keys=True, default=str)}
 
 
+def _multiaddr(key: str, addr: str, example: str) -> None:
+    import multiaddr  # type: ignore[import-untyped]
+
+    try:
+        multiaddr.Multiaddr(addr)
+    except Exception as e:   # the library's parse errors have no common base class
+        reason = str(e).split(" (string:")[0]
+        raise ConfigError(f"{key}: {addr!r} is not a multiaddr ({reason}); expected e.g. {example}") from None
+
+
+SETTINGS_FILE = "settings.json"       # in the output folder: the settings the run was started with
+# what a resumed run may change: where and how it connects and runs, not what it learns
+MAY_CHANGE_ON_RESUME = frozenset({
+    "rounds", "key", "listen", "bootstrap", "neighbors", "degree", "min_neighbors", "start_timeout", "alone",
+    "network_key", "allow", "peer_exchange_dns", "device", "threads", "delay_ms", "bulk_port", "metrics_port",
+    "metrics_host", "step_timeout", "eval_every", "colluders"})
+
+
+def saved(s: PeerSettings) -> dict[str, Any]:
+    """What `<out>/settings.json` holds: every key as the run uses it (resume and fresh excluded)."""
+    return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in ("resume", "fresh")}
+
+
 def load(config: str | Path | None, overrides: dict[str, Any]) -> PeerSettings:
-    """Defaults < the TOML file `config` < `overrides` (None values are 'not given')."""
+    """Defaults < the TOML file `config` < `overrides` (None values are 'not given'). With `resume`,
+    the settings the run was started with (its settings.json) replace the defaults, the output folder
+    is the resumed one, and a given key that contradicts them is refused unless a resumed run may
+    change it (MAY_CHANGE_ON_RESUME: rounds, addresses, ports, device...)."""
     values = {} if config is None else strict.read_toml(config, "config file")
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-    return strict.build(PeerSettings, values, str(config or "peer settings"))
+    source = str(config or "peer settings")
+    if values.get("resume"):
+        return _resumed(values, source)
+    return strict.build(PeerSettings, values, source)
+
+
+def _resumed(values: dict[str, Any], source: str) -> PeerSettings:
+    folder = Path(values["resume"])
+    given_out = values.get("out")
+    if given_out is not None and Path(given_out).resolve() != folder.resolve():
+        raise ConfigError(f"out: a resumed run continues in its own folder {folder}; out = {given_out!r} names "
+                          "another (drop it)")
+    path = folder / SETTINGS_FILE
+    if not path.exists():   # a folder written before settings.json existed: the given keys, as then
+        return strict.build(PeerSettings, {**values, "out": str(folder)}, source)
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"resume: {path}: not readable settings ({type(e).__name__}); it records how "
+                          "the run was started") from None
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"resume: {path}: expected a JSON object of settings")
+    started = strict.build(PeerSettings, {k: v for k, v in recorded.items() if k != "resume"}, str(path))
+    s = strict.build(PeerSettings, {**recorded, **values, "out": str(folder)}, source)
+    conflicts = [k for k in values if k not in MAY_CHANGE_ON_RESUME | {"out", "resume", "fresh"}
+                 and getattr(s, k) != getattr(started, k)]
+    if conflicts:
+        was = ", ".join(f"{k} = {getattr(started, k)!r}" for k in conflicts)
+        now = ", ".join(f"{k} = {getattr(s, k)!r}" for k in conflicts)
+        raise ConfigError(f"resume: {folder} was started with {was}; {now} contradicts it (drop it to continue "
+                          "that run, or start a new run in another folder)")
+    return s

@@ -125,8 +125,12 @@ def check_scenario(s: Any) -> None:
     params = s.attack_settings()   # the attack and its params, as every peer checks them
     if s.attack == "none":
         if byz:
-            raise ConfigError(f"attackers: {len(byz)} attacker(s) but attack = 'none'; "
-                              f"set attack to one of: {', '.join(sorted(craft.ATTACKS))}")
+            raise ConfigError(f"attackers: {len(byz)} attacker(s) but attack = 'none'; set attack to one of: "
+                              f"{', '.join(sorted(craft.ATTACKS))}, or run without them with --attackers 0")
+    elif not byz:   # an attack nobody runs would be a clean run that looks like an attacked one
+        given = "none" if not s.attackers else f"{s.attackers!r} of {s.peers} peers, which rounds to none"
+        raise ConfigError(f"attackers: attack = {s.attack!r} but no attacker ({given}); give --attackers 0.2 "
+                          "(a fraction) or --attackers 3, (peer indices)")
     else:
         peer = params.get("peer")
         if isinstance(peer, str):

@@ -17,6 +17,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import math
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,6 +41,7 @@ from p2pfl.learn.partition import partition
 from p2pfl.learn.train import LocalTrainer, evaluate
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
+from p2pfl.peers.preflight import make_out_dir
 from p2pfl.sim import cast as attacks
 from p2pfl.sim.results import accuracy_table, consensus_distance, plot_accuracy, plot_consensus, read_events
 from p2pfl.sim.scenario import Scenario
@@ -128,13 +132,31 @@ class _RoundWatcher:
             self.progress(t, summary)
 
 
-def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = None) -> dict[str, Any]:
-    """Run `scenario` in-process; write metrics.jsonl, summary.json, accuracy.png, consensus.png to `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+class Interrupted(Exception):
+    """SIGINT (Ctrl-C) stopped the run; `summary` (also in summary.json) covers the rounds completed."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__("interrupted")
+        self.summary = summary
+
+
+async def _stop_on_interrupt(scope: trio.CancelScope, stopped: list[bool]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async for _ in signals:
+            stopped.append(True)
+            scope.cancel()
+            return
+
+
+def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = None,
+        setup: Setup | None = None) -> dict[str, Any]:
+    """Run `scenario` in-process; write metrics.jsonl, summary.json, accuracy.png, consensus.png to `out_dir`.
+    `setup`: `Setup.build(scenario)` when the caller built it already. SIGINT (on the main thread)
+    stops the rounds, writes what the completed ones give and raises `Interrupted`."""
+    out = make_out_dir(out_dir)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     wall = time.perf_counter()
-    setup = Setup.build(scenario)
+    setup = setup or Setup.build(scenario)
     s = scenario
     log = MetricsLog(out / "metrics.jsonl")
     gap = spectral_gap(setup.W)
@@ -165,13 +187,19 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     for p in peers:
         p.on_event = watcher
 
+    stopped: list[bool] = []
+
     async def main() -> None:
         async with contextlib.AsyncExitStack() as stack:
             for p in peers:
                 await stack.enter_async_context(p)
-            async with trio.open_nursery() as nursery:
-                for p in peers:
-                    nursery.start_soon(p.train, s.rounds)
+            async with trio.open_nursery() as outer:
+                if threading.current_thread() is threading.main_thread():   # signals reach only that one
+                    outer.start_soon(_stop_on_interrupt, outer.cancel_scope, stopped)
+                async with trio.open_nursery() as nursery:
+                    for p in peers:
+                        nursery.start_soon(p.train, s.rounds)
+                outer.cancel_scope.cancel()
 
     # Each peer's model is small and they run one after another on this loop: torch's intra-op
     # threads only add synchronisation (and spin badly when the cores are busy), so use one.
@@ -184,7 +212,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
         train_wall = time.perf_counter()
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
         train_wall = time.perf_counter() - train_wall
-        central = centralized_reference(setup) if s.centralized else []
+        central = centralized_reference(setup) if s.centralized and not stopped else []
     finally:
         gc.unfreeze()
         torch.set_num_threads(threads)
@@ -194,11 +222,13 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
 
     events = read_events(out)
     table = accuracy_table(events, honest)
-    plot_accuracy(table, out / "accuracy.png", s.name if not cast.byzantine else
-                  f"{s.name}: honest peers ({len(cast.byzantine)} {s.attack} attackers)")
+    if table["rounds"]:
+        plot_accuracy(table, out / "accuracy.png", s.name if not cast.byzantine else
+                      f"{s.name}: honest peers ({len(cast.byzantine)} {s.attack} attackers)")
+    (out / "consensus.png").unlink(missing_ok=True)   # not left from an earlier run when this one has no curve
     plot_consensus(events, out / "consensus.png", s.name)
     rejected = dict(sum((Counter(peers[i].rejections()) for i in sorted(honest)), Counter[str]()))
-    final = watcher.rounds[-1]
+    final = watcher.rounds[-1] if watcher.rounds else {"distance": math.nan}
     summary = {
         "name": s.name, "peers": s.peers, "rounds": s.rounds, "seed": s.seed, "topology": s.topology,
         "dataset": s.dataset, "partition": s.partition, "aggregator": s.aggregator,
@@ -210,7 +240,9 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
         "consensus_distance": final["distance"],
         "bytes_sent": sum(p.transport.stats.bytes_sent for p in peers),
         "wall_s": time.perf_counter() - wall,
-        "peer_rounds_per_s": s.peers * s.rounds / train_wall,
+        "train_s": train_wall,   # the rounds only: the rate is over this
+        "peer_rounds_per_s": s.peers * len(watcher.rounds) / train_wall,
+        "rounds_done": len(watcher.rounds), "interrupted": bool(stopped),
         "rejected": rejected,
         "per_peer_accuracy": [watcher.last_accuracy.get(i) for i in range(s.peers)],
         "attack": s.attack, "attack_params": dict(s.attack_params), "attackers": len(cast.byzantine),
@@ -218,4 +250,6 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
         "byzantine_neighbors": attacks.byzantine_neighbors(nbrs, cast.byzantine),
     }
     write_json(out / "summary.json", summary)
+    if stopped:
+        raise Interrupted(summary)
     return summary

@@ -47,6 +47,7 @@ import numpy as np
 
 from p2pfl.files import MetricsLog, save_identity, write_json
 from p2pfl.gossip.topology import neighbors, spectral_gap
+from p2pfl.peers.preflight import make_out_dir
 from p2pfl.sim import cast as attacks
 from p2pfl.sim.cast import choose_attackers
 from p2pfl.sim.engine import Setup, centralized_reference
@@ -69,16 +70,16 @@ from p2pfl.sim.scenario import Scenario
 
 # -- the run ----------------------------------------------------------------------------------------
 def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = None, *,
-        timeout_s: float | None = None) -> dict[str, Any]:
-    """Run `scenario` as real peer processes; write metrics.jsonl, summary.json, accuracy.png to
-    `out_dir` (and one folder per peer). `timeout_s` bounds the whole run (PeerFailed past it)."""
+        timeout_s: float | None = None, setup: Setup | None = None) -> dict[str, Any]:
+    """Run `scenario` as real peer processes; write metrics.jsonl, summary.json, accuracy.png,
+    consensus.png to `out_dir` (and one folder per peer). `timeout_s` bounds the whole run (PeerFailed
+    past it); `setup`: `Setup.build(scenario)` when the caller built it already."""
 
     s = scenario
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(out_dir)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     wall = time.perf_counter()
-    setup = Setup.build(s)
+    setup = setup or Setup.build(s)
     byzantine = choose_attackers(s.attackers, s.peers, s.seed) if s.attack != "none" else []   # as engine.run
     log = MetricsLog(out / "metrics.jsonl")
     log.write({"kind": "run", "round": -1, "name": s.name, "scenario": s.to_dict(),
@@ -246,6 +247,7 @@ def _finish(s: Scenario, out: Path, setup: Setup, fleet: Fleet, log: MetricsLog,
         "wall_s": time.perf_counter() - wall,
         # from every peer up (listening) to the last round: startup (importing torch) is startup_s
         "peer_rounds_per_s": rounds_run / training if training > 0 else math.nan,
+        "train_s": training,
         "startup_s": up - fleet.started if up is not None else None,
         "rejected": rejected,
         "per_peer_accuracy": [p.accuracy for p in peers],

@@ -73,7 +73,11 @@ def accuracy_table(events: list[dict[str, Any]], honest: set[int] | None = None)
     }
 
 
-def plot_accuracy(table: dict[str, Any], path: str | Path, title: str = "") -> None:
+def plot_accuracy(table: dict[str, Any], path: str | Path, title: str = "",
+                  baseline: dict[str, Any] | None = None, baseline_label: str = "baseline") -> None:
+    """accuracy.png: the peers' mean and min-max band per evaluated round, the centralized reference
+    when there is one, and `baseline` (another run's table, e.g. the same scenario without attackers)
+    as a second curve, so an attack's damage shows as the gap between them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,8 +86,13 @@ def plot_accuracy(table: dict[str, Any], path: str | Path, title: str = "") -> N
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     ax.fill_between(r, table["min"], table["max"], alpha=0.25, label="peers: min-max")
     ax.plot(r, table["mean"], label="peers: mean")
+    if baseline is not None and baseline["rounds"]:
+        b = np.asarray(baseline["rounds"]) + 1
+        ax.fill_between(b, baseline["min"], baseline["max"], alpha=0.15, color="tab:green")
+        ax.plot(b, baseline["mean"], color="tab:green", label=f"{baseline_label}: mean, min-max")
     if not all(math.isnan(c) for c in table["centralized"]):
         ax.plot(r, table["centralized"], "--", color="black", label="centralized reference")
+    _integer_rounds(ax)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
@@ -91,6 +100,12 @@ def plot_accuracy(table: dict[str, Any], path: str | Path, title: str = "") -> N
     ax.legend(loc="lower right")
     ax.set_title(title)
     _save_png(fig, path)
+
+
+def _integer_rounds(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # rounds are whole: no 1.5 tick
 
 
 def _save_png(fig: Any, path: str | Path) -> None:
@@ -109,13 +124,17 @@ def consensus_curve(events: list[dict[str, Any]]) -> tuple[list[int], list[float
     return [t for t, _ in pairs], [d for _, d in pairs]
 
 
-def plot_consensus(events: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """consensus.png: (1/n) sum_i ||x_i - x_bar||^2 per round, log scale."""
+def plot_consensus(events: list[dict[str, Any]], path: str | Path, title: str = "") -> bool:
+    """consensus.png: (1/n) sum_i ||x_i - x_bar||^2 per round, log scale. Written only when the run
+    measured it in at least two rounds (the in-process engine, every round): one peer's folder has
+    no such events, a multi-process run one (after the last round): False then, and no file."""
+    rounds, distance = consensus_curve(events)
+    if len(rounds) < 2:
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds, distance = consensus_curve(events)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     if any(d > 0 for d in distance):  # a log axis needs a positive value; a full graph can reach exactly 0
         ax.plot(np.asarray(rounds) + 1, distance, marker="." if len(rounds) < 40 else None)
@@ -123,20 +142,35 @@ def plot_consensus(events: list[dict[str, Any]], path: str | Path, title: str = 
     ax.set_xlabel("round")
     ax.set_ylabel("consensus distance (1/n) Σ‖x_i − x̄‖²")
     ax.grid(alpha=0.3, which="both")
+    _integer_rounds(ax)
     ax.set_title(title)
     _save_png(fig, path)
+    return True
 
 
-def report(run_dir: str | Path) -> dict[str, Any]:
-    """Recompute the final table and the plots of a finished run from its metrics.jsonl."""
-    run_dir = Path(run_dir)
+def _run_table(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """A run folder's events, its start event and its accuracy table (ConfigError if none evaluated)."""
     events = read_events(run_dir)
     start = next((e for e in events if e.get("kind") == "run"), {})
     honest = set(start.get("honest", [])) or None
     table = accuracy_table(events, honest)
     if not table["rounds"]:
         raise ConfigError(f"{run_dir}: metrics.jsonl has no evaluated rounds yet")
-    plot_accuracy(table, run_dir / "accuracy.png", start.get("name", ""))
-    plot_consensus(events, run_dir / "consensus.png", start.get("name", ""))
+    return events, start, table
+
+
+def report(run_dir: str | Path, baseline: str | Path | None = None) -> dict[str, Any]:
+    """Recompute the final table and the plots of a finished run from its metrics.jsonl; `baseline`:
+    another run folder (say, the same scenario without attackers) drawn beside it in accuracy.png."""
+    run_dir = Path(run_dir)
+    events, start, table = _run_table(run_dir)
+    base = _run_table(Path(baseline)) if baseline is not None else None
+    plot_accuracy(table, run_dir / "accuracy.png", start.get("name", ""),
+                  baseline=base[2] if base else None,
+                  baseline_label=f"{base[1].get('name') or Path(str(baseline)).name} ({baseline})" if base else "")
+    plots = ["accuracy.png"]
+    if plot_consensus(events, run_dir / "consensus.png", start.get("name", "")):
+        plots.append("consensus.png")
     return {"rounds": len(table["rounds"]), "final": {k: table[k][-1] for k in ("mean", "min", "max")},
-            "centralized": table["centralized"][-1], "table": table}
+            "centralized": table["centralized"][-1], "table": table, "plots": plots,
+            "baseline_final": base[2]["mean"][-1] if base else None}

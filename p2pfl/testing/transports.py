@@ -111,7 +111,7 @@ def frame_bytes(sender: Identity, round_: int = 0, n: int = 100, *, kind: str = 
 
 def forged_frame_bytes(signer: Identity, payload: bytes = b"\0" * 8, *, raw_header: bytes | None = None,
                        **fields: Any) -> bytes:
-    """A wire frame built field by field (DESIGN.md's layout, independent of the codec's encoder).
+    """A wire frame built field by field (the layout in docs/architecture.md, independent of the codec's encoder).
 
     The header defaults to what `codec.encode` would write for `payload` (f32, kind "model", round
     0, step 0, `MODEL_SCHEMA`, from `signer`); `fields` override any of it (`DROP` removes a field,

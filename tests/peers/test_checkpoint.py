@@ -106,7 +106,7 @@ def test_any_altered_or_missing_byte_is_refused(tmp_path):
         path.write_bytes(good[:-cut])
         refused(tmp_path, "")
     path.write_bytes(b"")
-    refused(tmp_path, "no integrity seal")
+    refused(tmp_path, "the file is empty (0 bytes)")
 
 
 def test_an_unsealed_checkpoint_is_refused(tmp_path):

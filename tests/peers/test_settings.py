@@ -11,9 +11,9 @@ from p2pfl.peers.settings import load
 
 def test_example_peer_toml_loads_and_flags_override_it():
     path = Path(__file__).parents[2] / "examples" / "peer.toml"
-    s = load(path, {"shard": "3/4", "rounds": 5, "bootstrap": ("/ip4/127.0.0.1/tcp/1/p2p/x",)})
+    s = load(path, {"shard": "3/4", "rounds": 5, "bootstrap": ("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWGokUsAXVK7soswBew9haSvNsUP658Pv94Je5BzMvy6ro",)})
     assert s.shard_index() == (3, 4) and s.rounds == 5 and s.degree == 4
-    assert s.listen == ("/ip4/0.0.0.0/tcp/4001",) and s.bootstrap == ("/ip4/127.0.0.1/tcp/1/p2p/x",)
+    assert s.listen == ("/ip4/0.0.0.0/tcp/4001",) and s.bootstrap == ("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWGokUsAXVK7soswBew9haSvNsUP658Pv94Je5BzMvy6ro",)
 
 
 @pytest.mark.parametrize("values, message", [
