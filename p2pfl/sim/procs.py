@@ -252,6 +252,7 @@ def _finish(s: Scenario, out: Path, setup: Setup, fleet: Fleet, log: MetricsLog,
         "rejected": rejected,
         "per_peer_accuracy": [p.accuracy for p in peers],
         "rounds_done": [p.done for p in peers],
+        "interrupted": False,   # an interrupted procs run stops its peers and writes no summary
         "faults": fleet.faults,
         "attack": s.attack, "attack_params": dict(s.attack_params), "attackers": len(byzantine),
         "byzantine": byzantine,
