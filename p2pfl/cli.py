@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from p2pfl import algorithms
+from p2pfl.cli_backbone import app as backbone_app
 from p2pfl.errors import ConfigError, P2PFLError
 from p2pfl.robust import RULES
 from p2pfl.robust.attacks import ATTACKS
@@ -27,6 +28,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="p2pfl: decentralized peer-to-peer federated learning.")
 console = Console()
 err = Console(stderr=True)
+app.add_typer(backbone_app, name="backbone")
 
 
 def _fail(message: str) -> None:
