@@ -3,11 +3,14 @@ parameters, and honest peers that keep their accuracy next to Byzantine ones (in
 
 from __future__ import annotations
 
+import json
 import math
 from collections import OrderedDict
+from contextlib import AsyncExitStack
 
 import pytest
 import torch
+import trio
 
 from p2pfl import algorithms
 from p2pfl.algorithms.base import Context, GossipConfig
@@ -16,8 +19,12 @@ from p2pfl.errors import ConfigError
 from p2pfl.learn import backbone
 from p2pfl.learn.models import ParamLayout, make_model
 from p2pfl.learn.train import TrainConfig
-from p2pfl.sim import engine
+from p2pfl.peers.libp2p import HelloRefused
+from p2pfl.peers.settings import PeerSettings
+from p2pfl.sim import engine, procs
 from p2pfl.sim import scenario as scenarios
+from p2pfl.testing.transports import LIMIT_S, started
+from p2pfl.testing.transports import libp2p_transport as transport
 
 
 def weight(score: float) -> float:
@@ -160,3 +167,44 @@ def test_honest_bristle_peers_keep_their_accuracy_next_to_sign_flippers(tmp_path
     assert mixing["honest_accuracy"]["mean"] < clean["honest_accuracy"]["mean"] - 0.2
     # only heads travel: 32 x 10 + 10 floats a frame
     assert attacked["bytes_sent"] < clean["bytes_sent"] * 1.01
+
+
+def test_a_peer_with_another_backbone_is_refused_naming_both_hashes(tmp_path, digits_backbone):
+    other = tmp_path / "other.safetensors"
+    backbone.pretrain("digits", "mlp", other, hidden=(32,), epochs=1, seed=1)
+    mine, theirs = backbone.load(digits_backbone).hash, backbone.load(other).hash
+    assert mine != theirs
+    a_settings, b_settings = (PeerSettings(algorithm="bristle", backbone=str(f), hidden=(32,)).protocol_settings()
+                              for f in (digits_backbone, other))
+
+    async def main():
+        a, b = transport(0, settings=a_settings), transport(1, settings=b_settings)
+        async with AsyncExitStack() as stack:
+            await started(stack, a, b)
+            with trio.fail_after(LIMIT_S):
+                with pytest.raises(HelloRefused) as e:
+                    await b.connect(a.listen_addrs()[0])
+            assert a.local_id not in b.peers and b.local_id not in a.peers
+            return str(e.value), a.refusals[b.local_id]
+
+    initiator, responder = trio.run(main)
+    for message in (initiator, responder):
+        assert f"backbone differs: ours {mine}, theirs {theirs}" in message or \
+            f"backbone differs: ours {theirs}, theirs {mine}" in message
+
+
+@pytest.mark.slow
+def test_four_bristle_peer_processes_with_one_sign_flipper(tmp_path, digits_backbone):
+    """Real `p2pfl peer` processes on 127.0.0.1 (the procs engine stops them by PID; bounded by timeout_s)."""
+    s = scenarios.build({"name": "procs-bristle", "peers": 4, "topology": "full", "dataset": "digits", "hidden": [32],
+                         "partition": "iid", "local_steps": 20, "step_timeout_s": 4.0, "rounds": 3, "engine": "procs",
+                         "algorithm": "bristle", "backbone": digits_backbone, "attack": "sign_flip", "attackers": [3],
+                         "centralized": False})
+    summary = procs.run(s, tmp_path, timeout_s=150)
+    assert summary["rounds_done"] == [3, 3, 3, 3] and summary["rejected"] == {}
+    assert summary["honest_accuracy"]["min"] > 0.7
+    events = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    honest = [e for e in events if e["kind"] == "round" and e["peer"] != 3 and e["received"] == 3]
+    assert honest, "no honest round heard all three neighbours"
+    # every such round zeroed at least the flipped head (an honest neighbour may be zeroed too, never all)
+    assert all(1 <= e["bristle_zero_weight"] < 3 for e in honest)
