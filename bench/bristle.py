@@ -1,8 +1,8 @@
 """Bristle against robust rules on the same frozen backbone, and against full-model DFedAvg.
 
 Setting (issue #12): digits, 32 peers on `regular:8`, two data settings (Dirichlet 0.5 and
-`classes:2`), attackers 0% / 10% / 30% running gaussian, label_flip, alie or sign_flip. Rules: Bristle,
-and mean, median, trimmed_mean, krum (f = 3 = ceil(0.3 * 8) for the last three) on head-only models
+`classes:2`), attackers 0% / 10% / 30% running gaussian, label_flip, alie or sign_flip. Rules: Bristle
+(as is, and `bristle_overlap`: `overlap_recall = 0.5`), and mean, median, trimmed_mean, krum (f = 3 = ceil(0.3 * 8) for the last three) on head-only models
 over the same frozen backbone (an MLP [64] pre-trained on 20% of the training split, held out from
 the peers), plus full-model DFedAvg (`dfedavg_full`: Metropolis-Hastings mixing of the whole MLP,
 no backbone, every training sample). Local SGD lr 0.2, 2 local epochs, one seed.
@@ -15,7 +15,8 @@ honest peers' final-round test accuracy (mean, and the worst honest peer); clean
 rule and data with no attacker; rounds_to_90 is the first round (1-based) at which the honest mean
 reached 90% of clean_accuracy (null: never); bytes_per_peer_round is every byte the run's peers
 sent divided by peers x rounds. Finished runs are cached (`--cache`), so an interrupted matrix resumes.
-`--quick`: 30% attackers only, 15 rounds. `--md` writes the report, its heatmap and its accuracy plot.
+`--quick`: 30% attackers only, 15 rounds. `--md` writes the report, its heatmap and its accuracy plot
+(text below its notes line is kept).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ DATA = ("dirichlet:0.5", "classes:2")
 # rule -> scenario keys; every rule but dfedavg_full runs on the frozen backbone
 RULES: dict[str, dict[str, Any]] = {
     "bristle": {"algorithm": "bristle"},
+    # Bristle judging each head on the known classes where its recall is >= 0.5 (a stand-in for the
+    # class-overlap count the authors' peers exchange)
+    "bristle_overlap": {"algorithm": "bristle", "algorithm_params": {"overlap_recall": 0.5}},
     "mean": {"aggregator": "mean"},
     "median": {"aggregator": "median", "f": 3},
     "trimmed_mean": {"aggregator": "trimmed_mean", "f": 3},
@@ -46,6 +50,7 @@ FRACTIONS = (0.1, 0.3)
 BASE = {"peers": 32, "topology": "regular:8", "dataset": "digits", "model": "mlp", "hidden": [64], "lr": 0.2,
         "batch_size": 16, "local_epochs": 2, "centralized": False, "seed": 0}
 PUBLIC_FRACTION = 0.2
+NOTES = "<!-- notes: text below this line is kept when the report is rewritten -->"
 
 
 def key(rule: str, data: str, attack: str, fraction: float, rounds: int, backbone_hash: str) -> str:
@@ -154,7 +159,7 @@ def plots(rows: list[dict[str, Any]], rules: tuple[str, ...], heat: Path, curves
 
 
 def markdown(rows: list[dict[str, Any]], rules: tuple[str, ...], command: str, wall_s: float, bb_info: str,
-             heat: str, curves: str) -> str:
+             heat: str, curves: str, notes: str) -> str:
     by = {(r["rule"], r["data"], r["attack"], r["fraction"]): r for r in rows}
     data = sorted({r["data"] for r in rows}, key=DATA.index)
     conds = sorted({(r["attack"], r["fraction"]) for r in rows}, key=lambda c: (c[1], c[0]))
@@ -177,13 +182,40 @@ def markdown(rows: list[dict[str, Any]], rules: tuple[str, ...], command: str, w
         r90 = [by[(ru, d, "none", 0.0)]["rounds_to_90"] for ru in rules]
         lines.append("| rounds to 90% of clean, no attack | " + " | ".join(str(v) for v in r90) + " |")
         lines.append("")
+    variants = [ru for ru in rules if ru.startswith("bristle")]
+    if variants:
+        top = max(f for _, f in conds)
+        lines += ["## The paper's goals, checked on these cells", "",
+                  "| goal | rule | data | measured | met |", "|---|---|---|---|---|"]
+        for ru in variants:
+            for d in data:
+                clean = by[(ru, d, "none", 0.0)]["honest_accuracy_mean"]
+                drops = {a: clean - by[(ru, d, a, f)]["honest_accuracy_mean"] for a, f in conds if f == top}
+                worst = max(drops, key=lambda a: drops[a])
+                lines.append(f"| {top:.0%} attackers: within 5 points of the clean run | {ru} | {d} | worst drop "
+                             f"{100 * drops[worst]:+.1f} points ({worst}; clean {clean:.3f}) | "
+                             f"{'yes' if drops[worst] <= 0.05 else 'no'} |")
+            for d in data:
+                for other in ("krum", "median"):
+                    if other in rules:
+                        pairs = [(by[(ru, d, a, f)]["honest_accuracy_mean"], by[(other, d, a, f)]["honest_accuracy_mean"])
+                                 for a, f in conds]
+                        wins = sum(b > o for b, o in pairs)
+                        lines.append(f"| non-IID: better than {other} | {ru} | {d} | ahead in {wins} of {len(pairs)} "
+                                     f"conditions; mean {sum(b for b, _ in pairs) / len(pairs):.3f} against "
+                                     f"{sum(o for _, o in pairs) / len(pairs):.3f} | {'yes' if wins == len(pairs) else 'no'} |")
     bpr = {ru: by[(ru, data[0], "none", 0.0)]["bytes_per_peer_round"] for ru in rules}
+    if "bristle" in bpr and "dfedavg_full" in bpr:
+        ratio = bpr["bristle"] / bpr["dfedavg_full"]
+        lines += [f"| at most 10% of full-model gossip's bytes | bristle | all | {ratio:.1%} | "
+                  f"{'yes' if ratio <= 0.1 else 'no'} |"]
+    lines.append("")
     full = bpr.get("dfedavg_full")
     lines += ["## Bytes per peer and round (no attack)", "", "| " + " | ".join(rules) + " |", "|" + "---|" * len(rules),
               "| " + " | ".join(f"{bpr[ru]:,}" + (f" ({bpr[ru] / full:.1%})" if full else "") for ru in rules) + " |",
               "", "Raw cells (one JSON line each, with the per-round curves) are in `bristle.jsonl` beside this file.",
-              ""]
-    return "\n".join(lines)
+              "", NOTES, notes]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> None:
@@ -231,7 +263,8 @@ def main() -> None:
                 f"samples ({bb.meta['public_fraction']}, held out from the peers; its test accuracy as a whole model "
                 f"{bb.meta['pretrain_test_accuracy']}), blake3 {bb.hash[:16]}...")
         command = "python " + " ".join(["bench/bristle.py", *sys.argv[1:]])
-        md.write_text(markdown(rows, rules, command, wall, info, heat.name, curves.name))
+        notes = md.read_text().split(NOTES, 1)[1].strip("\n") + "\n" if md.exists() and NOTES in md.read_text() else ""
+        md.write_text(markdown(rows, rules, command, wall, info, heat.name, curves.name, notes))
         print(f"# wrote {md}, {heat.name}, {curves.name}, {md.with_suffix('.jsonl').name}", file=sys.stderr)
 
 

@@ -28,6 +28,11 @@ Foreign classes (absent from the split, so not measurable) use one weight per ca
 summed unbounded scores: W_j = max(0, 10 sigmoid(sum_c score_jc / 100) - 4) cert_j. A head that hurts
 any known class gets a steeply negative score and weight 0; one equal to ours gets cert_j.
 Constants are the authors' (Bristle.kt, jverbraeken/trustchain-superapp), exposed as parameters.
+Their peers also learn, by private set intersection, how many classes each neighbour shares, and
+judge a head on that many of its best classes only; without that exchange every known class is
+judged (their default for an unknown count), or, with `overlap_recall = t`, the known classes where
+the head's recall is >= t (our stand-in for the shared count: it lets peers whose classes barely
+overlap learn each other's foreign classes, at the cost of judging a head on fewer classes).
 Deviation: their code ranks history models but then drops them; here they are candidates, as the
 paper's text says (a peer with few neighbours still compares enough heads).
 
@@ -66,6 +71,10 @@ class BristleParams:
     temperature: float = 100.0   # sigmoid(score / temperature)
     weight_scale: float = 10.0   # w = max(0, weight_scale sigmoid(.) - weight_offset) cert
     weight_offset: float = 4.0
+    # None: every known class is scored for every head (the authors' default for a peer whose class
+    # count is unknown). t: head j is scored on the known classes where its recall is >= t only, a
+    # stand-in for the class-overlap count the authors' peers exchange (PSI-CA; not implemented here)
+    overlap_recall: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("n_exploit", "test_per_class"):
@@ -83,6 +92,8 @@ class BristleParams:
         for key in ("exp_better", "exp_worse"):
             if not 0 <= getattr(self, key) <= 16:
                 raise ValueError(f"{key} must be in [0, 16], got {getattr(self, key)}")
+        if self.overlap_recall is not None and not 0 < self.overlap_recall <= 1:
+            raise ValueError(f"overlap_recall must be in (0, 1] or unset, got {self.overlap_recall}")
         if not -math.inf < self.score_bound < 0:
             raise ValueError(f"score_bound must be < 0 and finite, got {self.score_bound}")
 
@@ -124,18 +135,23 @@ def integrate(own: Tensor, heads: Tensor, own_recall: Tensor, peer_recall: Tenso
     foreign ones). `heads` (m, C, D+1) and `peer_recall` (m, K) are in peer-ID order: the sequential
     penalty of candidate j sums over the candidates before it."""
     r0, r = own_recall.double(), peer_recall.double()
+    # the classes each head is judged on: all known ones, or (overlap_recall) those it does well on
+    selected = torch.ones_like(r, dtype=torch.bool) if p.overlap_recall is None else r >= p.overlap_recall
     diff = p.diff_scale * (r - r0).abs()
     contrib = (p.penalty * (r0 - r)).clamp(min=0)
     penalty = contrib.cumsum(0) - contrib                       # over the candidates before j
     score = torch.where(r > r0, diff ** (p.exp_better + r0), -(diff ** (p.exp_worse + r0)) * (1 + penalty))
-    cert = (r.mean(1) - r.std(1, unbiased=False)).clamp(min=0) if r.shape[1] else r.new_zeros(len(r))
+    count = selected.sum(1).clamp(min=1)
+    mean = (r * selected).sum(1) / count
+    std = (((r - mean[:, None]) ** 2) * selected).sum(1).div(count).sqrt()
+    cert = torch.where(selected.any(1), (mean - std).clamp(min=0), torch.zeros_like(mean))
 
     def weight(s: Tensor) -> Tensor:
         return (p.weight_scale * torch.sigmoid(s / p.temperature) - p.weight_offset).clamp(min=0)
 
-    w_known = weight(score.clamp(min=p.score_bound)) * cert[:, None]        # (m, K)
-    w_foreign = weight(score.sum(1)) * cert                                 # (m,)
-    w = w_foreign[:, None].expand(-1, own.shape[0]).clone()                 # (m, C): foreign by default
+    w_known = weight(score.clamp(min=p.score_bound)) * cert[:, None] * selected     # (m, K)
+    w_foreign = weight((score * selected).sum(1)) * cert                          # (m,)
+    w = w_foreign[:, None].expand(-1, own.shape[0]).clone()                       # (m, C): foreign by default
     w[:, known] = w_known
     w = w.to(own.dtype)
     new = (own + torch.einsum("mc,mcd->cd", w, heads)) / (1 + w.sum(0))[:, None]

@@ -96,6 +96,18 @@ def test_an_equal_candidate_weighs_its_certainty_and_later_worse_ones_pay_the_se
     assert w[0, 0] > w[1, 0] > w[2, 0] > 0
 
 
+def test_with_overlap_recall_a_head_is_judged_on_the_classes_it_knows_and_teaches_the_foreign_ones():
+    own, head = torch.zeros(3, 1), torch.ones(1, 3, 1)            # classes 0, 1 known; 2 foreign
+    args = (own, head, torch.tensor([1.0, 1.0]), torch.tensor([[1.0, 0.0]]), torch.tensor([0, 1]))
+    new, w_known, w_foreign = integrate(*args, BristleParams())
+    assert w_known.sum() == 0 and w_foreign.item() == 0           # all classes judged: cert = 0.5 - 0.5
+    assert torch.equal(new, own)
+    new, w_known, w_foreign = integrate(*args, BristleParams(overlap_recall=0.5))
+    # judged on class 0 alone: diff 0, score 0, weight 10 sigmoid(0) - 4 = 1, cert 1 - 0
+    assert w_known[0].tolist() == [1.0, 0.0] and w_foreign.item() == 1.0
+    assert new[:, 0].tolist() == [0.5, 0.0, 0.5]
+
+
 def _context(model, n=60, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)
@@ -137,6 +149,7 @@ def test_bristle_weights_a_copy_of_its_head_and_zeroes_a_sign_flipped_one():
     ({"nope": 1}, "algorithm_params.nope: unknown key for algorithm 'bristle'"),
     ({"temperature": -1.0}, "temperature must be > 0"),
     ({"test_per_class": "ten"}, "algorithm_params.test_per_class"),
+    ({"overlap_recall": 1.5}, "overlap_recall must be in \\(0, 1\\]"),
 ])
 def test_bad_parameters_are_config_errors(values, needle):
     with pytest.raises(ConfigError, match=needle):
