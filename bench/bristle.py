@@ -165,7 +165,7 @@ def markdown(rows: list[dict[str, Any]], rules: tuple[str, ...], command: str, w
     conds = sorted({(r["attack"], r["fraction"]) for r in rows}, key=lambda c: (c[1], c[0]))
     rounds = rows[0]["rounds"]
     lines = ["# Bristle: honest accuracy under attack, against robust rules on the same frozen backbone", "",
-             f"Made by `{command}` ({wall_s / 60:.1f} min on this machine). Digits, {BASE['peers']} peers on "
+             f"Made by `{command}` ({wall_s / 60:.1f} min: the runs' summed time / workers, on 2 shared cores). Digits, {BASE['peers']} peers on "
              f"`{BASE['topology']}`, {rounds} rounds, seed {BASE['seed']}, local SGD lr {BASE['lr']}, "
              f"{BASE['local_epochs']} local epochs. {bb_info} Robust rules use f = 3; `dfedavg_full` gossips the whole "
              "MLP with Metropolis-Hastings mixing and no backbone. Accuracy: final-round test accuracy of the honest "
@@ -262,6 +262,7 @@ def main() -> None:
         info = (f"Backbone: MLP [64] pre-trained on {bb.meta['public_count']} of {bb.meta['train_size']} training "
                 f"samples ({bb.meta['public_fraction']}, held out from the peers; its test accuracy as a whole model "
                 f"{bb.meta['pretrain_test_accuracy']}), blake3 {bb.hash[:16]}...")
+        wall = sum(done[key(*j[:5], j[6])]["wall_s"] for j in jobs) / max(1, args.workers)   # cached runs too
         command = "python " + " ".join(["bench/bristle.py", *sys.argv[1:]])
         notes = md.read_text().split(NOTES, 1)[1].strip("\n") + "\n" if md.exists() and NOTES in md.read_text() else ""
         md.write_text(markdown(rows, rules, command, wall, info, heat.name, curves.name, notes))
