@@ -58,6 +58,8 @@ def pretrain(
                                          seed=seed, epochs=epochs, lr=lr)
     except ConfigError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"--out: cannot write {out}: {e.strerror}")
     print(f"wrote {out}: {len(bb.tensors)} tensors, blake3 {bb.hash}; trained on {bb.meta['public_count']} of "
           f"{bb.meta['train_size']} training samples (held out from the peers); the whole pre-trained model's test "
           f"accuracy {accuracy:.3f}")

@@ -4,6 +4,9 @@ BackboneError naming the problem, and what a model and the data split do with a 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,3 +181,25 @@ def test_settings_check_the_backbone_against_the_run(digits_backbone, tmp_path):
         LearningSettings(backbone=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="backbone: algorithm 'bristle' trains only the output layer"):
         LearningSettings(algorithm="bristle")
+
+
+def test_cli_pretrain_then_info_and_a_bad_file_in_one_line(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "p2pfl.cli", "backbone", *map(str, args)], capture_output=True,
+                              text=True, timeout=240, env={**os.environ, "COLUMNS": "200"})
+
+    out = tmp_path / "bb.safetensors"
+    r = cli("pretrain", "--dataset", "digits", "--model", "mlp", "--out", out, "--public-fraction", "0.1",
+            "--hidden", "16", "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    digest = backbone.load(out).hash
+    assert f"blake3 {digest}" in r.stdout and "trained on 144 of 1437" in r.stdout
+    r = cli("info", out)
+    assert r.returncode == 0, r.stderr
+    assert "1.weight" in r.stdout and "16x64" in r.stdout and f"blake3: {digest} (verified)" in r.stdout
+    out.write_bytes(out.read_bytes()[:-1] + b"\0")
+    r = cli("info", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "content hash mismatch" in r.stderr
+    r = cli("pretrain", "--dataset", "digits", "--model", "mlp", "--out", out, "--public-fraction", "1.5")
+    assert r.returncode == 2 and "public_fraction: must be in (0, 1)" in r.stderr
