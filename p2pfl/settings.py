@@ -87,7 +87,7 @@ class LearningSettings:
         if self.aggregator not in RULES:
             raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; allowed: {', '.join(sorted(RULES))}")
         if self.backbone is not None:   # read and verified once per process (cached)
-            backbone.load(self.backbone).check(self.dataset, self.model, self.hidden)
+            backbone.load(self.backbone).check(self.dataset, self.model, self.hidden, self.seed)
         elif self.algorithm == "bristle":
             raise ConfigError("backbone: algorithm 'bristle' trains only the output layer; name a pre-trained "
                               "backbone file (make one with `p2pfl backbone pretrain`)")

@@ -222,7 +222,7 @@ class Backbone:
                                 f"samples, this dataset has {n_train}")
         return public_indices(n_train, float(self.field("public_fraction")), int(self.field("public_seed")))
 
-    def check(self, dataset: str, model: str, hidden: tuple[int, ...]) -> None:
+    def check(self, dataset: str, model: str, hidden: tuple[int, ...], seed: int) -> None:
         """ConfigError naming `backbone` unless it was pre-trained for this dataset and model."""
         if self.field("format") != FORMAT:
             raise BackboneError(f"backbone: {self.path}: format {self.field('format')[:40]!r}, expected {FORMAT!r}")
@@ -231,6 +231,9 @@ class Backbone:
             if self.field(key) != value:
                 raise BackboneError(f"backbone: {self.path} was pre-trained for {key} {self.field(key)[:60]}, "
                                     f"this run uses {key} {value}")
+        if dataset.startswith("synthetic") and int(self.field("public_seed")) != seed:   # data drawn from the seed
+            raise BackboneError(f"backbone: {self.path} was pre-trained on {dataset} drawn with seed "
+                                f"{self.field('public_seed')}, this run draws it with seed {seed}")
 
     def attach(self, model: nn.Module) -> None:
         """Copy the backbone into `model` and freeze it: afterwards only the head is trainable."""

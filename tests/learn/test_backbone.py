@@ -203,3 +203,11 @@ def test_cli_pretrain_then_info_and_a_bad_file_in_one_line(tmp_path):
     assert r.stderr.count("\n") == 1 and "content hash mismatch" in r.stderr
     r = cli("pretrain", "--dataset", "digits", "--model", "mlp", "--out", out, "--public-fraction", "1.5")
     assert r.returncode == 2 and "public_fraction: must be in (0, 1)" in r.stderr
+
+
+def test_a_synthetic_backbone_fits_only_runs_drawing_the_same_data(tmp_path):
+    path = tmp_path / "syn.safetensors"
+    backbone.pretrain("synthetic", "mlp", path, hidden=(8,), epochs=1, seed=3)
+    assert LearningSettings(dataset="synthetic", backbone=str(path), hidden=(8,), seed=3).seed == 3
+    with pytest.raises(ConfigError, match="drawn with seed 3, this run draws it with seed 0"):
+        LearningSettings(dataset="synthetic", backbone=str(path), hidden=(8,), seed=0)
