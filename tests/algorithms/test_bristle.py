@@ -7,6 +7,7 @@ import json
 import math
 from collections import OrderedDict
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from p2pfl.learn.models import ParamLayout, make_model
 from p2pfl.learn.train import TrainConfig
 from p2pfl.peers.libp2p import HelloRefused
 from p2pfl.peers.settings import PeerSettings
-from p2pfl.sim import engine, procs
+from p2pfl.sim import engine, fleet, procs
 from p2pfl.sim import scenario as scenarios
 from p2pfl.testing.transports import LIMIT_S, started
 from p2pfl.testing.transports import libp2p_transport as transport
@@ -221,3 +222,11 @@ def test_four_bristle_peer_processes_with_one_sign_flipper(tmp_path, digits_back
     assert honest, "no honest round heard all three neighbours"
     # every such round zeroed at least the flipped head (an honest neighbour may be zeroed too, never all)
     assert all(1 <= e["bristle_zero_weight"] < 3 for e in honest)
+
+
+def test_procs_hands_its_peers_the_backbone_by_absolute_path(tmp_path, digits_backbone, monkeypatch):
+    (tmp_path / "bb.safetensors").write_bytes(Path(digits_backbone).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    s = scenarios.build({"peers": 4, "topology": "ring", "hidden": [32], "engine": "procs", "algorithm": "bristle",
+                         "backbone": "bb.safetensors"})
+    assert fleet.peer_settings(s)["backbone"] == str(tmp_path / "bb.safetensors")
