@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from p2pfl import algorithms
+from p2pfl.cli_backbone import app as backbone_app
 from p2pfl.errors import ConfigError, P2PFLError
 from p2pfl.robust import RULES
 from p2pfl.robust.attacks import ATTACKS
@@ -31,6 +32,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   context_settings={"help_option_names": ["-h", "--help"]})
 console = Console()
 err = Console(stderr=True)
+app.add_typer(backbone_app, name="backbone")
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from p2pfl import algorithms
 from p2pfl.errors import ConfigError
+from p2pfl.learn import backbone
 from p2pfl.learn.models import MODELS
 from p2pfl.learn.partition import parse_partition
 from p2pfl.learn.train import TrainConfig, algorithm_name
@@ -38,6 +39,9 @@ class LearningSettings:
                                                    "same on every peer of a federation)"})
     model: str = field(default="mlp", metadata={"help": "mlp or cnn"})
     hidden: tuple[int, ...] = field(default=(64,), metadata={"help": "hidden layer widths, e.g. 64,32"})
+    backbone: str | None = field(default=None, metadata={
+        "help": "pre-trained backbone file (p2pfl backbone pretrain): frozen, only the output layer is trained and "
+                "gossiped; its public data is held out from every peer"})
     # the algorithm (p2pfl.algorithms); None: dfedavg, named in results by what rho/momentum run
     algorithm: str | None = field(default=None, metadata={"help": "algorithm"})
     algorithm_params: dict[str, Any] = field(default_factory=dict, metadata={
@@ -82,6 +86,11 @@ class LearningSettings:
             raise ConfigError(f"model: unknown value {self.model!r}; allowed: {', '.join(MODELS)}")
         if self.aggregator not in RULES:
             raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; allowed: {', '.join(sorted(RULES))}")
+        if self.backbone is not None:   # read and verified once per process (cached)
+            backbone.load(self.backbone).check(self.dataset, self.model, self.hidden, self.seed)
+        elif self.algorithm == "bristle":
+            raise ConfigError("backbone: algorithm 'bristle' trains only the output layer; name a pre-trained "
+                              "backbone file (make one with `p2pfl backbone pretrain`)")
         algorithms.load_plugins(self.plugins)
         algorithms.params(self.algorithm_or_default, self.algorithm_params)
         self.train_config()   # the training keys (and the algorithm's presets)

@@ -11,7 +11,8 @@ imported: name the module in the `plugins` key (scenario or peer settings) so th
 imports it, as `p2pfl peer` processes of the procs engine must.
 
 Registered here: dfedavg, dfedavgm, dfedsam (gossip.py; they differ only in the local update's
-presets for rho and momentum, which an explicit `rho`/`momentum` key overrides).
+presets for rho and momentum, which an explicit `rho`/`momentum` key overrides), and bristle
+(bristle.py: head-only learning on a frozen pre-trained backbone).
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ for _name, _preset in TRAIN_PRESETS.items():
                              "dfedavgm": "local SGD with momentum 0.9, then gossip (DFedAvgM)",
                              "dfedsam": "local SAM (rho 0.05), then gossip (DFedSAM)"}[_name],
              train_preset=_preset)(Gossip)
+
+from p2pfl.algorithms import bristle as _bristle  # noqa: E402,F401 -- registers "bristle" (it imports this registry)
 
 __all__ = ["REGISTRY", "Advice", "Algorithm", "Context", "Entry", "Gossip", "GossipConfig", "Received", "build",
            "get", "load_plugins", "names", "params", "register"]

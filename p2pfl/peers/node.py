@@ -42,9 +42,9 @@ from p2pfl.errors import ConfigError, LocalProtocolError, P2PFLError
 from p2pfl.files import MetricsLog, load_identity, save_identity, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.rounds import agreed_round
+from p2pfl.learn import backbone
 from p2pfl.learn.datasets import load_dataset
 from p2pfl.learn.models import ParamLayout, make_model
-from p2pfl.learn.partition import partition
 from p2pfl.peers import checkpoint, preflight
 from p2pfl.peers import settings as peer_settings
 from p2pfl.peers.exchange import DialPolicy
@@ -115,11 +115,15 @@ class Node(Membership):
         i, n = s.shard_index()
         rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
         data = load_dataset(s.dataset, seed=s.seed)
-        shard = partition(data.y_train, n, s.partition, rng)[i]
+        frozen = backbone.load(s.backbone) if s.backbone else None
+        shard = backbone.peer_shards(data.y_train, n, s.partition, rng, frozen)[i]
         to = lambda a: torch.from_numpy(np.array(a)).to(self.device)   # copy: cached arrays are read-only
         train = (to(data.x_train[shard]), to(data.y_train[shard]))
         test = (to(data.x_test), to(data.y_test))
-        model = make_model(s.model, data.input_shape, data.num_classes, hidden=s.hidden, seed=s.seed).to(self.device)
+        model = make_model(s.model, data.input_shape, data.num_classes, hidden=s.hidden, seed=s.seed)
+        if frozen is not None:
+            frozen.attach(model)   # only the head stays trainable, so only the head is gossiped
+        model = model.to(self.device)
         self.schema = ParamLayout.of(model).schema
         psk = s.network_psk()
         allow = set(_read_lines(s.allow, "allowlist")) if s.allow else None

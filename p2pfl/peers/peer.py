@@ -219,6 +219,10 @@ class Peer:
                             "rejected": self.rejections(),
                             "neighbor_distance": step_events[0].get("neighbor_distance"),
                             "bytes_sent": self.transport.stats.bytes_sent}
+            extra: Counter[str] = Counter()
+            for info in step_events:   # the algorithm's own keys from combine, numbers summed over the Q steps
+                extra.update({k: v for k, v in info.items() if k not in event and isinstance(v, (int, float))})
+            event.update(extra)
             event.update(self.round_info(t))
             if self.test_data is not None and (t % self.config.eval_every == 0 or t == last):
                 acc, loss = await self._compute(evaluate, self.model, *self.test_data)

@@ -20,6 +20,7 @@ from typing import Any
 
 from p2pfl import config as strict
 from p2pfl.errors import ConfigError
+from p2pfl.learn import backbone
 from p2pfl.settings import LearningSettings
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -138,7 +139,9 @@ class PeerSettings(LearningSettings):
         return {"dataset": self.dataset, "model": self.model, "gossip_steps": self.gossip_steps,
                 "aggregator": self.aggregator, "f": self.f, "algorithm": self.algorithm_or_default,
                 "aggregator_params": json.dumps(self.aggregator_params, sort_keys=True, default=str),
-                "algorithm_params": json.dumps(self.algorithm_params, sort_keys=True, default=str)}
+                "algorithm_params": json.dumps(self.algorithm_params, sort_keys=True, default=str),
+                # the content hash, not the path: peers must load the same tensors, wherever the file lies
+                "backbone": backbone.load(self.backbone).hash if self.backbone else None}
 
 
 def _multiaddr(key: str, addr: str, example: str) -> None:

@@ -35,9 +35,9 @@ import trio.testing
 from p2pfl.files import MetricsLog, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.topology import build_topology, metropolis_hastings, neighbors, spectral_gap
+from p2pfl.learn import backbone
 from p2pfl.learn.datasets import Dataset, load_dataset
 from p2pfl.learn.models import make_model
-from p2pfl.learn.partition import partition
 from p2pfl.learn.train import LocalTrainer, evaluate
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
@@ -65,11 +65,14 @@ class Setup:
     def build(cls, s: Scenario) -> Setup:
         rng = np.random.default_rng(s.seed)
         data = load_dataset(s.dataset, seed=s.seed)
-        shards = partition(data.y_train, s.peers, s.partition, rng)
+        frozen = backbone.load(s.backbone) if s.backbone else None
+        shards = backbone.peer_shards(data.y_train, s.peers, s.partition, rng, frozen)
         adj = build_topology(s.topology, s.peers, rng)
         seeds = rng.integers(0, 2**63, size=s.peers)
         identities = [Identity.generate(int(x).to_bytes(32, "big")) for x in seeds]
         init = make_model(s.model, data.input_shape, data.num_classes, hidden=s.hidden, seed=s.seed)
+        if frozen is not None:
+            frozen.attach(init)   # only the head stays trainable, so only the head is gossiped
         return cls(s, data, shards, adj, metropolis_hastings(adj), identities, init)
 
     def tensors(self, idx: np.ndarray | None = None, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

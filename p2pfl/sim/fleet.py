@@ -69,6 +69,8 @@ def peer_settings(s: Scenario) -> dict[str, Any]:
     shared = {k: v for k, v in s.shared().items() if k not in ("attack", "attack_params")}
     # a plugin file is named relative to where the scenario was run: the peers start elsewhere
     shared["plugins"] = [str(Path(p).resolve()) if p.endswith(".py") else p for p in s.plugins]
+    if s.backbone is not None:
+        shared["backbone"] = str(Path(s.backbone).resolve())
     return {**shared, "step_timeout": s.step_timeout_s, "device": "cpu", "threads": 1,
             "start_timeout": STARTUP_S, "delay_ms": s.latency_ms}
 

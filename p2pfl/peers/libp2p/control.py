@@ -103,6 +103,9 @@ def incompatibility(ours: Hello, theirs: Hello) -> str | None:
     if theirs.schema != ours.schema:
         return f"model schema differs: ours {printable(ours.schema, 40)}, theirs {printable(theirs.schema, 40)}"
     if theirs.config != ours.config:
+        if theirs.settings.get("backbone") != ours.settings.get("backbone"):   # full hashes: they are what to compare
+            return (f"backbone differs: ours {printable(ours.settings.get('backbone'), 64)}, "
+                    f"theirs {printable(theirs.settings.get('backbone'), 64)} (every peer must load the same file)")
         keys = sorted(set(ours.settings) | set(theirs.settings))
         diff = [f"{printable(k, 40)} ours {printable(repr(ours.settings.get(k)), 40)}, "
                 f"theirs {printable(repr(theirs.settings.get(k)), 40)}"
