@@ -17,6 +17,8 @@ never connect. Round t:
 - `combine`: the rank vote of p2pfl.robust.ranks over the neighbourhood (own ranking plus the
   neighbours'; one vote each, mixing weights do not apply), and every layer's scores become its
   sorted initial scores in the voted order. The model that is evaluated is that voted supermask.
+  The round's `neighbor_distance` is the mean normalised footrule distance of our ranking to the
+  neighbours' (0: the same order; 1/3 on average for unrelated rankings).
 
 `RankAttacker` is the Byzantine version (attack `rank_reversal`): it trains benign rankings as an
 honest peer, votes the honest rankings it can see (the target's neighbourhood when the engine is
@@ -40,7 +42,7 @@ from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.learn.models import FlatParameters
 from p2pfl.learn.supermask import score_layers, to_supermask
 from p2pfl.learn.train import LocalTrainer
-from p2pfl.robust.ranks import is_permutation, rank_vote, ranking, reversed_vote, scores_in_order
+from p2pfl.robust.ranks import footrule, is_permutation, rank_vote, ranking, reversed_vote, scores_in_order
 
 U16_EDGES = 1 << 16    # a layer with fewer edges than this travels as u16
 ATTACKS = ("rank_reversal",)
@@ -133,10 +135,11 @@ class FRL(Algorithm):
         if not received:
             return {}
         theirs = [self._split(r["ranks"]) for r in received.values()]
+        distance = footrule(self.ranks, theirs)
         order = rank_vote(self.ranks, theirs)
         self.x = torch.cat([scores_in_order(o, s) for o, s in zip(order, self.sorted_initial)])
         self.ranks = order
-        return {"voters": len(received) + 1}
+        return {"neighbor_distance": distance}
 
     def end_round(self, t: int) -> None:
         self.flat.set(self.x)

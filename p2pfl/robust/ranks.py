@@ -72,6 +72,18 @@ def scores_in_order(order: Tensor, sorted_scores: Tensor) -> Tensor:
     return out
 
 
+def footrule(own_ranks: Sequence[Tensor], received_ranks: Sequence[Sequence[Tensor]]) -> float:
+    """Mean over the received rankings and the edges of |position here - position there| / n (the
+    normalised Spearman footrule, in [0, 1/2]): how far a peer's ranking is from its neighbours'."""
+    if not received_ranks:
+        return 0.0
+    total, edges = 0.0, sum(r.numel() for r in own_ranks)
+    for layer, own in enumerate(own_ranks):
+        mine, n = positions(own), max(1, own.numel())
+        total += sum(float((positions(r[layer]) - mine).abs().sum()) for r in received_ranks) / n
+    return total / (len(received_ranks) * max(1, edges))
+
+
 def is_permutation(values: np.ndarray) -> bool:
     """True when the 1-D integer array holds each of 0..len-1 exactly once."""
     n = values.size
