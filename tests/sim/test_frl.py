@@ -11,7 +11,7 @@ import torch
 
 from p2pfl import algorithms
 from p2pfl.algorithms import Context, GossipConfig
-from p2pfl.algorithms.frl import FRL, FRLParams, RankAttacker
+from p2pfl.algorithms.frl import RankAttacker
 from p2pfl.errors import ConfigError
 from p2pfl.gossip import codec
 from p2pfl.learn.models import make_model
