@@ -165,3 +165,27 @@ def test_frl_with_a_rank_reversal_peer_process_over_libp2p(tmp_path):
     honest = [e for e in events if e["kind"] == "round" and e["peer"] != 3]
     assert honest and all(e["received"] == 3 for e in honest)
     assert all(a is not None and a > 0.1 for a in summary["per_peer_accuracy"][:3])
+
+
+def test_the_benchmark_prints_the_issue_keys_and_writes_its_report(tmp_path, monkeypatch):
+    """bench/frl.py stays runnable: FRL and clean DFedAvg on 8 peers for 2 rounds, in this process."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_frl", Path(__file__).resolve().parents[2] / "bench" / "frl.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "BASE", {**bench.BASE, "peers": 8, "topology": "regular:4", "local_epochs": 0.5})
+    monkeypatch.setattr(bench, "SETUPS", {k: v for k, v in bench.SETUPS.items() if k[1] in ("rank_vote", "mixing")})
+    todo = bench.jobs((0.25,), (0,), 2)
+    rows = bench.cells({tuple(j): bench.run_one(*j) for j in todo}, (0.25,), (0,), 2)
+    assert [(r["algorithm"], r["rule"], r["attack"], r["fraction"]) for r in rows] == \
+        [("frl", "rank_vote", "none", 0.0), ("frl", "rank_vote", "rank_reversal", 0.25), ("dfedavg", "mixing", "none", 0.0)]
+    keys = {"algorithm", "rule", "attack", "fraction", "honest_accuracy_mean", "honest_accuracy_min", "bytes_per_peer_round"}
+    assert all(keys <= set(r) for r in rows) and rows[1]["attackers"] == 2
+    assert rows[0]["bytes_per_peer_round"] < rows[2]["bytes_per_peer_round"]
+    bench.plot(rows, tmp_path / "frl.png")
+    text = bench.markdown(rows, "python bench/frl.py", 1.0, "frl.png", "\nkept\n")
+    assert "| frl | rank_vote | rank_reversal | 25% |" in text and text.endswith("kept\n")
+    assert (tmp_path / "frl.png").stat().st_size > 0
