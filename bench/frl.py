@@ -13,7 +13,7 @@ final-round test accuracy over honest peers; bytes are what every peer sent, per
 Prints one JSON line per cell: {"algorithm", "rule", "attack", "fraction", "honest_accuracy_mean",
 "honest_accuracy_min", "bytes_per_peer_round", "clean_accuracy", "seeds", "rounds"}: means over the
 seeds, min over all seeds' honest peers, clean_accuracy the same algorithm and rule with no attacker.
-`--quick`: 1 seed, 20 rounds, fractions 0 and 20%, each baseline under both attacks (11 runs, under
+`--quick`: 1 seed, 20 rounds, fractions 0 and 20%, each baseline under both attacks (9 runs, under
 5 minutes on 2 free cores). `--md` writes the markdown report and its plot beside it; text below the
 `<!-- notes -->` line of an existing report is kept.
 """
