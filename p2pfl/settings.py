@@ -126,7 +126,9 @@ class LearningSettings:
             return {}
         if self.attack not in craft.ATTACKS:
             raise ConfigError(f"attack: unknown value {self.attack!r}; allowed: none, {', '.join(sorted(craft.ATTACKS))}")
-        return craft.check_attack(self.attack, self.attack_params)
+        params = craft.check_attack(self.attack, self.attack_params)
+        algorithms.check_attack(self.algorithm_or_default, self.attack)
+        return params
 
     def shared(self) -> dict[str, Any]:
         """The shared keys, as given (None: not set), e.g. for the peers of a multi-process run."""

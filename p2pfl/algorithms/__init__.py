@@ -11,8 +11,11 @@ imported: name the module in the `plugins` key (scenario or peer settings) so th
 imports it, as `p2pfl peer` processes of the procs engine must.
 
 Registered here: dfedavg, dfedavgm, dfedsam (gossip.py; they differ only in the local update's
-presets for rho and momentum, which an explicit `rho`/`momentum` key overrides), and bristle
-(bristle.py: head-only learning on a frozen pre-trained backbone).
+presets for rho and momentum, which an explicit `rho`/`momentum` key overrides), bristle
+(bristle.py: head-only learning on a frozen pre-trained backbone) and frl (frl.py:
+supermask scores trained locally, rankings gossiped and voted). `check_attack` says which Byzantine
+attacks an algorithm's attacker can run (an algorithm class lists them in `attacks`; the gossip
+family runs the float-vector ones).
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from typing import Any
 
 from p2pfl import config
 from p2pfl.algorithms.base import Advice, Algorithm, Context, GossipConfig, Received
+from p2pfl.algorithms.frl import FRL, FRLParams
 from p2pfl.algorithms.gossip import Gossip
 from p2pfl.errors import ConfigError
 from p2pfl.learn.train import ALGORITHMS as TRAIN_PRESETS
+from p2pfl.robust.attacks import ATTACKS
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,20 @@ def build(name: str, ctx: Context, values: Mapping[str, Any] | None = None) -> A
     return entry.factory(ctx, params(name, values))
 
 
+def check_attack(name: str, attack: str) -> None:
+    """ConfigError when attack `attack` means nothing to algorithm `name` (rank_reversal with dfedavg,
+    alie with frl, any attack with a plugin that has no attacker)."""
+    if attack == "none":
+        return
+    cls = get(name).factory
+    allowed: tuple[str, ...] = getattr(cls, "attacks", ())
+    if isinstance(cls, type) and issubclass(cls, Gossip):
+        allowed = tuple(a for a in ATTACKS if a not in FRL.attacks)
+    if attack not in allowed:
+        raise ConfigError(f"attack: {attack!r} does not apply to algorithm {name!r}; allowed: "
+                          f"{', '.join(sorted(allowed)) if allowed else 'none (it has no attacker)'}")
+
+
 def load_plugins(plugins: Iterable[str]) -> None:
     """Import each plugin, a module name (`pkg.algos`) or a Python file (`path/to/algos.py`): importing it
     registers its algorithms. ConfigError naming one that cannot be imported. A file is imported once
@@ -138,8 +157,10 @@ for _name, _preset in TRAIN_PRESETS.items():
                              "dfedavgm": "local SGD with momentum 0.9, then gossip (DFedAvgM)",
                              "dfedsam": "local SAM (rho 0.05), then gossip (DFedSAM)"}[_name],
              train_preset=_preset)(Gossip)
+register("frl", params=FRLParams,
+         summary="supermask scores trained locally, rankings gossiped, a rank vote per neighbourhood (FRL)")(FRL)
 
 from p2pfl.algorithms import bristle as _bristle  # noqa: E402,F401 -- registers "bristle" (it imports this registry)
 
-__all__ = ["REGISTRY", "Advice", "Algorithm", "Context", "Entry", "Gossip", "GossipConfig", "Received", "build",
-           "get", "load_plugins", "names", "params", "register"]
+__all__ = ["FRL", "REGISTRY", "Advice", "Algorithm", "Context", "Entry", "Gossip", "GossipConfig", "Received",
+           "build", "check_attack", "get", "load_plugins", "names", "params", "register"]

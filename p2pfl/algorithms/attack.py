@@ -19,12 +19,14 @@ import torch
 
 from p2pfl.algorithms.base import Algorithm, Received, Tensor
 from p2pfl.algorithms.gossip import Gossip
+from p2pfl.errors import ConfigError
 from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.robust import attacks as craft
 
 TRAINING = ("sign_flip", "label_flip")              # attackers that run local training
 AGGREGATING = ("sign_flip", "label_flip", "free_rider")  # attackers whose own model matters
-NEIGHBORHOOD = ("alie", "ipm", "dissensus")         # craft from the target's honest neighbourhood
+# craft from the target's honest neighbourhood (rank_reversal: FRL's, crafted by frl.RankAttacker)
+NEIGHBORHOOD = ("alie", "ipm", "dissensus", "rank_reversal")
 
 # What the driver knows of a target: (honest IDs it aggregates, first the target itself; W_tj of its
 # honest neighbours; sum of W_tb over its Byzantine neighbours; n = its inputs; f = its Byzantine inputs)
@@ -33,6 +35,8 @@ View = tuple[list[str], dict[str, float], float, int, int]
 
 class Attacker(Algorithm):
     def __init__(self, inner: Gossip, attack: str, params: Mapping[str, Any], seed: int) -> None:
+        if attack == "rank_reversal":
+            raise ConfigError("attack: 'rank_reversal' reverses rankings; it applies to algorithm 'frl' only")
         super().__init__(inner.ctx, params)
         self.inner, self.attack = inner, attack
         self.neighbors = inner.neighbors

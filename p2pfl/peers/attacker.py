@@ -36,6 +36,7 @@ import trio
 from torch import nn
 
 from p2pfl.algorithms.attack import NEIGHBORHOOD, Attacker, View
+from p2pfl.algorithms.frl import FRL, RankAttacker
 from p2pfl.algorithms.gossip import Gossip
 from p2pfl.errors import ConfigError
 from p2pfl.gossip.codec import Frame
@@ -127,7 +128,7 @@ class _Tap:
 
     async def receive(self) -> AsyncIterator[tuple[str, Frame]]:
         async for sender, frame in self.inner.receive():
-            if frame.kind == "model":
+            if frame.kind in ("model", "ranks"):   # floats, or FRL's rankings
                 self.board.post(sender, frame.round, frame.step, frame.tensor())
             yield sender, frame
 
@@ -180,9 +181,13 @@ class AttackerPeer(Peer):
         self.colluders = frozenset(knowledge.byzantine if knowledge else colluders) - {self.id}
         if attack == "mimic" and knowledge is None and isinstance(self.params["peer"], int):
             raise ConfigError("mimic: without the engine's peer order, attack_params.peer must be a peer ID")
-        if not isinstance(self.algorithm, Gossip):
-            raise ConfigError(f"attack: attackers wrap the gossip algorithms, not {config.algorithm!r}")
-        self.algorithm: Attacker = Attacker(self.algorithm, attack, self.params, config.seed)
+        self.algorithm: Attacker | RankAttacker
+        if isinstance(self.algorithm, FRL):
+            self.algorithm = self.algorithm.attacker(attack, self.params, config.seed)
+        elif isinstance(self.algorithm, Gossip):
+            self.algorithm = Attacker(self.algorithm, attack, self.params, config.seed)
+        else:
+            raise ConfigError(f"attack: attackers wrap the gossip algorithms and frl, not {config.algorithm!r}")
 
     # -- what the attacker knows about a target -----------------------------------------------------
     def _targets(self) -> list[str]:

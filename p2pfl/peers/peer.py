@@ -207,6 +207,7 @@ class Peer:
             # runs back to back rather than interleaved with aggregation and sends, which keeps
             # torch's code and data in cache (about 25% faster per round at 256 peers).
             await trio.lowlevel.checkpoint()
+            bytes_before = self.transport.stats.bytes_sent
             stats = await self._compute(self.algorithm.local_update, t)
             await trio.lowlevel.checkpoint()
             step_events = [await self._gossip_step(t, q) for q in range(self.config.gossip_steps)]
@@ -218,7 +219,8 @@ class Peer:
                             "wait_s": sum(s["wait_s"] for s in step_events),
                             "rejected": self.rejections(),
                             "neighbor_distance": step_events[0].get("neighbor_distance"),
-                            "bytes_sent": self.transport.stats.bytes_sent}
+                            "bytes_sent": self.transport.stats.bytes_sent,
+                            "bytes_round": self.transport.stats.bytes_sent - bytes_before}
             extra: Counter[str] = Counter()
             for info in step_events:   # the algorithm's own keys from combine, numbers summed over the Q steps
                 extra.update({k: v for k, v in info.items() if k not in event and isinstance(v, (int, float))})

@@ -8,7 +8,8 @@ Theory of operation. An attacker runs the same protocol as an honest peer but se
   Byzantine workers read their target's and its good neighbours' models: the omniscient attacker);
 - one honest peer's vector (`mimic`).
 `label_flip` crafts nothing: it trains honestly on labels y -> C-1-y (`flip_labels`) and sends that model.
-`silent` never sends. The peer that does the waiting and the sending lives in `p2pfl.peers.attacker`.
+`silent` never sends. `rank_reversal` is for FRL, whose peers send rankings, not vectors: the reverse of
+the vote of the honest rankings (p2pfl.robust.ranks.reversed_vote, p2pfl.algorithms.frl.RankAttacker). The peer that does the waiting and the sending lives in `p2pfl.peers.attacker`.
 
 `ATTACKS` maps each name to its parameters and their defaults; `check_attack(name, params)` validates a
 config (unknown attack or parameter, bad value: `ConfigError`) and returns the completed parameters.
@@ -40,6 +41,7 @@ ATTACKS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "free_rider": MappingProxyType({"mode": "mean", "scale": 1.0}),
     "silent": MappingProxyType({}),
     "mimic": MappingProxyType({"peer": None}),
+    "rank_reversal": MappingProxyType({}),   # FRL's attack (p2pfl.algorithms.frl.RankAttacker)
 })
 FREE_RIDER_MODES = ("mean", "noise")
 

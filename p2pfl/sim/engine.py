@@ -242,6 +242,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
         "centralized_accuracy": central[-1] if central else None,
         "consensus_distance": final["distance"],
         "bytes_sent": sum(p.transport.stats.bytes_sent for p in peers),
+        "bytes_per_peer_round": sum(p.transport.stats.bytes_sent for p in peers) / (s.peers * s.rounds),
         "wall_s": time.perf_counter() - wall,
         "train_s": train_wall,   # the rounds only: the rate is over this
         "peer_rounds_per_s": s.peers * len(watcher.rounds) / train_wall,

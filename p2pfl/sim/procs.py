@@ -244,6 +244,7 @@ def _finish(s: Scenario, out: Path, setup: Setup, fleet: Fleet, log: MetricsLog,
         "centralized_accuracy": central[-1] if central else None,
         "consensus_distance": distance,
         "bytes_sent": bytes_sent,
+        "bytes_per_peer_round": bytes_sent / (s.peers * s.rounds),
         "wall_s": time.perf_counter() - wall,
         # from every peer up (listening) to the last round: startup (importing torch) is startup_s
         "peer_rounds_per_s": rounds_run / training if training > 0 else math.nan,

@@ -113,5 +113,5 @@ def test_peer_algorithm_presets_and_explicit_keys_win():
     mine = peer_settings.load(None, {"algorithm": "dfedsam", "rho": 0.2, "momentum": 0.5}).train_config()
     assert (mine.rho, mine.momentum) == (0.2, 0.5)
     assert peer_settings.load(None, {"algorithm": "dfedavgm"}).train_config().momentum == 0.9
-    with pytest.raises(ConfigError, match="algorithm: unknown value 'adam'; allowed: bristle, dfedavg, dfedavgm, dfedsam"):
+    with pytest.raises(ConfigError, match="algorithm: unknown value 'adam'; allowed: bristle, dfedavg, dfedavgm, dfedsam, frl"):
         peer_settings.load(None, {"algorithm": "adam"})

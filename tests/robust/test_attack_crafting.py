@@ -105,7 +105,7 @@ def test_check_attack_completes_defaults_and_names_what_is_wrong() -> None:
     assert check_attack("gaussian", {"sigma": 3}) == {"sigma": 3.0}
     assert check_attack("free_rider", {"mode": "noise"}) == {"mode": "noise", "scale": 1.0}
     assert set(ATTACKS) == {"sign_flip", "gaussian", "label_flip", "alie", "ipm", "dissensus", "free_rider",
-                            "silent", "mimic"}
+                            "silent", "mimic", "rank_reversal"}
     with pytest.raises(ConfigError, match="attack: unknown value 'alei'; allowed: alie, dissensus, free_rider"):
         check_attack("alei")
     with pytest.raises(ConfigError, match="gaussian has no parameter 'std'; allowed: sigma"):

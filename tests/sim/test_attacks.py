@@ -213,7 +213,7 @@ def test_silent_attackers_cost_honest_peers_a_virtual_deadline(tmp_path, caplog)
     assert s["honest_accuracy"]["min"] > 0.5
 
 
-@pytest.mark.parametrize("attack", sorted(craft.ATTACKS))
+@pytest.mark.parametrize("attack", sorted(set(craft.ATTACKS) - {"rank_reversal"}))   # FRL's: tests/sim/test_frl.py
 def test_every_attack_runs_in_the_engine(tmp_path, attack) -> None:
     logging.getLogger("p2pfl").setLevel(logging.ERROR)
     s = engine.run(small(attack=attack, attackers=0.25, rounds=1, topology="regular:4", aggregator="median",

@@ -54,7 +54,7 @@ def test_explicit_keys_win_over_the_preset(tmp_path):
 
 
 def test_bad_algorithm_names_the_allowed_values():
-    with pytest.raises(ConfigError, match="algorithm: unknown value 'fedsam'; allowed: bristle, dfedavg, dfedavgm, dfedsam"):
+    with pytest.raises(ConfigError, match="algorithm: unknown value 'fedsam'; allowed: bristle, dfedavg, dfedavgm, dfedsam, frl"):
         scenarios.build({"algorithm": "fedsam"})
     with pytest.raises(ConfigError, match="algorithm"):
         scenarios.build({"algorithm": 1})
@@ -142,4 +142,4 @@ def test_sim_flags_reach_the_run_and_report_writes_consensus_png(tmp_path):
 def test_sim_bad_algorithm_exits_2_naming_the_allowed_values():
     r = CliRunner().invoke(app, ["sim", "--algorithm", "sam"])
     assert r.exit_code == 2
-    assert "allowed: bristle, dfedavg, dfedavgm, dfedsam" in r.output
+    assert "allowed: bristle, dfedavg, dfedavgm, dfedsam, frl" in r.output
