@@ -26,7 +26,7 @@ from p2pfl.algorithms.base import Algorithm, Context, Received, Tensor
 from p2pfl.errors import ConfigError
 from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.learn.models import FlatParameters, ParamLayout
-from p2pfl.learn.train import LocalTrainer
+from p2pfl.learn.train import LocalTrainer, unpack
 from p2pfl.robust import RULES, aggregate
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Gossip(Algorithm):
         generator = torch.Generator().manual_seed(ctx.seed)
         self.layout = ParamLayout.of(ctx.model)
         self.flat = FlatParameters(ctx.model)   # before the optimizer: it must see the re-homed params
-        self.trainer = LocalTrainer(ctx.model, *ctx.train_data, ctx.train, generator)
+        self.trainer = LocalTrainer(ctx.model, *unpack(ctx.train_data), ctx.train, generator)
         self._bucket_generator = torch.Generator().manual_seed(ctx.seed + 1)
         self.x = self.flat.get()                # x_i: the shared parameters
 

@@ -37,9 +37,12 @@ from p2pfl.errors import ConfigError, LocalProtocolError
 from p2pfl.files import MetricsLog, load_identity, save_identity, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.rounds import agreed_round
+from p2pfl.learn.custom import build_model, load_user_data
 from p2pfl.learn.datasets import load_dataset
-from p2pfl.learn.models import ParamLayout, make_model
+from p2pfl.learn.models import ParamLayout
+from p2pfl.learn.objectives import is_import_string
 from p2pfl.learn.partition import partition
+from p2pfl.learn.train import Data
 from p2pfl.peers import checkpoint
 from p2pfl.peers.exchange import DialPolicy
 from p2pfl.peers.factory import make_peer
@@ -93,14 +96,9 @@ class Node(Membership):
         if s.threads:
             torch.set_num_threads(s.threads)
         self.identity = identity_of(s)
-        i, n = s.shard_index()
-        rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
-        data = load_dataset(s.dataset, seed=s.seed)
-        shard = partition(data.y_train, n, s.partition, rng)[i]
-        to = lambda a: torch.from_numpy(np.array(a)).to(self.device)   # copy: cached arrays are read-only
-        train = (to(data.x_train[shard]), to(data.y_train[shard]))
-        test = (to(data.x_test), to(data.y_test))
-        model = make_model(s.model, data.input_shape, data.num_classes, hidden=s.hidden, seed=s.seed).to(self.device)
+        i = s.shard_index()[0]
+        train, test, input_shape, num_classes = self._data()
+        model = build_model(s.model, input_shape, num_classes, hidden=s.hidden, seed=s.seed).to(self.device)
         self.schema = ParamLayout.of(model).schema
         psk = s.network_psk()
         allow = set(_read_lines(s.allow, "allowlist")) if s.allow else None
@@ -120,7 +118,7 @@ class Node(Membership):
                             check_degree=False)
         self.byzantine = s.attack != "none"
         self.peer: Peer = make_peer(model, train, transport=self.transport, neighbors={}, config=config,
-                                    test_data=test, num_classes=data.num_classes, attack=s.attack,
+                                    test_data=test, num_classes=num_classes, attack=s.attack,
                                     attack_params=s.attack_params, colluders=s.colluders)
         self.peer.on_event = self._on_round
         self.resumed_from: int | None = None
@@ -154,6 +152,21 @@ class Node(Membership):
         self.first_round = self.peer.round
         self._train_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+
+    def _data(self) -> tuple[Data, Data | None, tuple[int, ...], int | None]:
+        """This peer's shard, the test data, one sample's shape and the number of outputs: a built-in
+        dataset split as the simulator splits it, or what the user's loader returns for the shard."""
+        s = self.s
+        i, n = s.shard_index()
+        if is_import_string(s.dataset):
+            user = load_user_data(s.dataset, i, n, s.seed, batch_size=s.batch_size)
+            return user.train, user.test, user.input_shape, user.num_classes
+        rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
+        data = load_dataset(s.dataset, seed=s.seed)
+        shard = partition(data.y_train, n, s.partition, rng)[i]
+        to = lambda a: torch.from_numpy(np.array(a)).to(self.device)   # copy: cached arrays are read-only
+        return ((to(data.x_train[shard]), to(data.y_train[shard])), (to(data.x_test), to(data.y_test)),
+                data.input_shape, data.num_classes)
 
     # -- entry point ------------------------------------------------------------------------------
     async def main(self) -> dict[str, Any]:
