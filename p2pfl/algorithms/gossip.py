@@ -110,3 +110,25 @@ class Gossip(Algorithm):
             self.counters["too_few_inputs"] += 1
             log.warning("%s: round %d: %s; keeping own vector", self.ctx.peer_id, t, e)
             return own, distance
+
+
+class ExternalUpdate(Gossip):
+    """The gossip of `Gossip` without its local training: the application trained the model in its
+    own loop (`p2pfl.GossipAverager`), and `local_update` takes x_i from the model as it is. A model
+    that is not finite is not sent: x_i stays the last one (`non_finite_update`)."""
+
+    def __init__(self, ctx: Context, params: Any = None) -> None:
+        Algorithm.__init__(self, ctx, params)   # no LocalTrainer: there is nothing to train on
+        self.layout = ParamLayout.of(ctx.model)
+        self.flat = FlatParameters(ctx.model)
+        self._bucket_generator = torch.Generator().manual_seed(ctx.seed + 1)
+        self.x = self.flat.get()
+
+    def local_update(self, t: int) -> Mapping[str, Any]:
+        x = self.flat.get()
+        if bool(torch.isfinite(x).all()):
+            self.x = x
+        else:
+            self.counters["non_finite_update"] += 1
+            log.warning("%s: round %d: the model is not finite; gossiping the previous one", self.ctx.peer_id, t)
+        return {}

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from p2pfl import algorithms
 from p2pfl.algorithms import Algorithm, Context, GossipConfig
+from p2pfl.algorithms.gossip import ExternalUpdate
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import payloads
 from p2pfl.gossip.codec import INT_DTYPES, Frame
@@ -112,9 +113,13 @@ class Peer:
         self.model = model
         # data: tensors move to the model's device once, here; a DataLoader's batches move as drawn
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        train_data = self._data(train_data, "train_data")
+        own_loop = train_data is None   # the application trains the model itself (GossipAverager)
+        if own_loop:
+            train_data = (torch.empty(0), torch.empty(0))   # never read: the algorithm does not train
+        else:
+            train_data = self._data(train_data, "train_data")
+            check_fit(model, train_data, loss_function(self.config.train.loss), "train_data")
         test_data = None if test_data is None else self._data(test_data, "test_data", shuffle=False)
-        check_fit(model, train_data, loss_function(self.config.train.loss), "train_data")
         self.transport = transport
         self.id = transport.local_id
         self.layout = ParamLayout.of(model)
@@ -128,7 +133,8 @@ class Peer:
         ctx = Context(peer_id=self.id, model=model, train_data=train_data, train=self.config.train,
                       gossip=self.config.gossip(), neighbors=self.weights, seed=self.config.seed,
                       num_classes=num_classes)
-        self.algorithm: Algorithm = algorithms.build(self.config.algorithm, ctx, self.config.algorithm_params)
+        self.algorithm: Algorithm = (ExternalUpdate(ctx) if own_loop else
+                                     algorithms.build(self.config.algorithm, ctx, self.config.algorithm_params))
         # what a neighbour's frame must carry; the transport refuses anything else before we see it
         self.payloads = dict(self.algorithm.payloads())
         transport.expect(self.payloads)
