@@ -94,7 +94,7 @@ class LearningSettings:
         elif self.model not in MODELS:
             raise ConfigError(f"model: unknown value {self.model!r}; allowed: {', '.join(MODELS)}, "
                               "or 'pkg.module:factory'")
-        loss_function(self.loss_fn)
+        loss_function(self.loss_fn, "loss_fn")
         metric_function(self.metric)
         if self.aggregator not in RULES:
             raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; allowed: {', '.join(sorted(RULES))}")

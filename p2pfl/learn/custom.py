@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
@@ -109,6 +110,9 @@ def check_fit(model: Any, data: Data, loss_fn: LossFn, what: str = "train_data")
             from None
     finally:
         model.train(was_training)
+    if loss_fn is F.cross_entropy and yb.is_floating_point() and out.ndim == 2 and out.shape[1] == 1:
+        raise ConfigError(f"{what}: float targets and one output under cross-entropy (always 0); for a regression "
+                          "set the loss to 'mse' (loss_fn = \"mse\", or TrainConfig(loss=\"mse\"))")
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         raise ConfigError(f"loss: returned {type(value).__name__} "
                           f"{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}, expected a scalar tensor")

@@ -115,14 +115,14 @@ LOSSES: dict[str, LossFn] = {"cross_entropy": F.cross_entropy, "mse": _mse}
 METRICS: dict[str, MetricFn] = {"accuracy": _accuracy, "mse": _mse_metric}
 
 
-def loss_function(loss: Loss) -> LossFn:
-    """A loss by name, import string or callable; ConfigError naming `loss` otherwise."""
-    return _pick(loss, LOSSES, "loss", "loss(output, target) -> scalar tensor")
+def loss_function(loss: Loss, key: str = "loss") -> LossFn:
+    """A loss by name, import string or callable; ConfigError naming `key` otherwise."""
+    return _pick(loss, LOSSES, key, "loss(output, target) -> scalar tensor")
 
 
-def metric_function(metric: Metric) -> MetricFn:
-    """A metric by name, import string or callable; ConfigError naming `metric` otherwise."""
-    return _pick(metric, METRICS, "metric", "metric(output, target) -> (total, count)")
+def metric_function(metric: Metric, key: str = "metric") -> MetricFn:
+    """A metric by name, import string or callable; ConfigError naming `key` otherwise."""
+    return _pick(metric, METRICS, key, "metric(output, target) -> (total, count)")
 
 
 def _pick(value: Any, named: dict[str, Any], key: str, shape: str) -> Any:
