@@ -269,15 +269,20 @@ class Peer:
         self.tracker.begin(t, q)
         x = self.algorithm.vector()
         await self.prepare_step(t, q, x)
+        # one host copy of each tensor sent this step, whatever the number of neighbours it goes to:
+        # on a GPU peer that copy is the step's only transfer to the host
+        host: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
         for nb in self.tracker.neighbors:
             out = self.outgoing(t, q, x, nb)
             if out is None:
                 continue
             for kind, tensor in ({"model": out} if isinstance(out, torch.Tensor) else out).items():
+                key = (id(tensor), kind)
+                if key not in host:   # the tensor is kept alongside, so its id is not reused
+                    host[key] = (tensor, self._wire(kind, tensor))
                 # never modified in place after this point, so receivers may share the memory
                 await self.transport.send(nb, Frame(kind=kind, sender=self.id, round=t, step=q, schema=self.schema,
-                                                    dtype=self.payloads[kind].dtype,
-                                                    payload=self._wire(kind, tensor)))
+                                                    dtype=self.payloads[kind].dtype, payload=host[key][1]))
         waited = 0.0
         if not self.tracker.complete:
             start = trio.current_time()
