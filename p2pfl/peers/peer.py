@@ -120,6 +120,8 @@ class Peer:
             train_data = self._data(train_data, "train_data")
             check_fit(model, train_data, loss_function(self.config.train.loss), "train_data")
         test_data = None if test_data is None else self._data(test_data, "test_data", shuffle=False)
+        if test_data is not None:   # evaluated every few rounds: a misfit must not wait for the first
+            check_fit(model, test_data, loss_function(self.config.train.loss), "test_data")
         self.transport = transport
         self.id = transport.local_id
         self.layout = ParamLayout.of(model)
