@@ -34,8 +34,8 @@ class LearningSettings:
     rounds: int = field(default=30, metadata={"help": "rounds to run"})
     # data and model
     dataset: str = field(default="digits", metadata={
-        "help": "digits, mnist1d, synthetic, npz:PATH, or 'pkg.module:loader' (your own loader(shard, num_shards, "
-                "seed) -> (train, test); see docs/own-model.md)"})
+        "help": "digits, mnist1d, synthetic, npz:PATH, or 'pkg.module:loader' (your own: loader(shard, num_shards, "
+                "seed) returning (train, test))"})
     partition: str = field(default="dirichlet:0.5", metadata={"help": "iid, dirichlet:ALPHA, classes:K"})
     seed: int = field(default=0, metadata={"help": "seed of the data split, the initial model and the rest (the "
                                                    "same on every peer of a federation)"})
@@ -43,9 +43,9 @@ class LearningSettings:
     hidden: tuple[int, ...] = field(default=(64,), metadata={"help": "hidden layer widths, e.g. 64,32"})
     # not `loss`: a scenario's `loss` is the memory network's packet loss
     loss_fn: str = field(default="cross_entropy", metadata={
-        "help": f"training loss: {', '.join(LOSSES)}, or 'pkg.module:fn' (fn(output, target) -> scalar)"})
+        "help": f"training loss: {', '.join(LOSSES)}, or 'pkg.module:fn' (fn(output, target) returning a scalar)"})
     metric: str = field(default="accuracy", metadata={
-        "help": f"test metric: {', '.join(METRICS)}, or 'pkg.module:fn' (fn(output, target) -> (total, count))"})
+        "help": f"test metric: {', '.join(METRICS)}, or 'pkg.module:fn' (fn(output, target) returning (total, count))"})
     # the algorithm (p2pfl.algorithms); None: dfedavg, named in results by what rho/momentum run
     algorithm: str | None = field(default=None, metadata={"help": "algorithm"})
     algorithm_params: dict[str, Any] = field(default_factory=dict, metadata={
