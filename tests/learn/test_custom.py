@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -209,3 +211,22 @@ def test_a_regression_target_trains_with_loss_fn_mse(tmp_path):
     with pytest.raises(ConfigError, match="float targets and one output under cross-entropy"):
         _peer((x, x[:, :1]), model=nn.Linear(3, 1))           # the default loss on a float [N, 1] target
     _peer((x, x[:, :1]), model=nn.Linear(3, 1), loss="mse")  # accepted
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), batch=st.integers(1, 50), metric=st.sampled_from(["accuracy", "mse"]),
+       seed=st.integers(0, 2**16))
+def test_a_metric_does_not_depend_on_how_the_test_set_is_batched(n, batch, metric, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(3, 1 if metric == "mse" else 4)
+    x = torch.randn(n, 3, generator=g)
+    y = torch.randn(n, 1, generator=g) if metric == "mse" else torch.randint(0, 4, (n,), generator=g)
+    loss = "mse" if metric == "mse" else "cross_entropy"
+    whole = evaluate(model, x, y, batch_size=n, loss=loss, metric=metric)
+    tensors = evaluate(model, x, y, batch_size=batch, loss=loss, metric=metric)
+    loader = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=batch), loss=loss, metric=metric)
+    assert tensors == pytest.approx(whole, rel=1e-5, abs=1e-6) and loader == pytest.approx(whole, rel=1e-5, abs=1e-6)
+    with torch.no_grad():
+        out = model(x)
+    expected = float(((out - y) ** 2).mean()) if metric == "mse" else float((out.argmax(1) == y).float().mean())
+    assert whole[0] == pytest.approx(expected, rel=1e-5, abs=1e-6)
