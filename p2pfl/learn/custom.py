@@ -79,15 +79,16 @@ def _tensor(value: Any, what: str) -> torch.Tensor:
     raise ConfigError(f"{what}: got {type(value).__name__}, expected a torch tensor or a NumPy array")
 
 
-def first_batch(data: Data, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def first_batch(data: Data, n: int = 2, what: str = "train_data") -> tuple[torch.Tensor, torch.Tensor]:
     """Up to n samples of `data` (a DataLoader's first batch, cut)."""
     if isinstance(data, DataLoader):
         try:
             batch = next(iter(data))
         except StopIteration:
-            raise ConfigError("data: the DataLoader yields no batch") from None
+            raise ConfigError(f"{what}: the DataLoader yields no batch") from None
         if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(b, torch.Tensor) for b in batch):
-            raise ConfigError(f"data: a DataLoader batch must be an (x, y) pair of tensors, got {type(batch).__name__}")
+            raise ConfigError(f"{what}: a DataLoader batch must be an (x, y) pair of tensors, got "
+                              f"{type(batch).__name__}")
         return batch[0][:n], batch[1][:n]
     return data[0][:n], data[1][:n]
 
@@ -96,7 +97,7 @@ def check_fit(model: Any, data: Data, loss_fn: LossFn, what: str = "train_data")
     """Run `model` and the loss once on two samples of `data`; ConfigError saying what failed."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: got {type(model).__name__}, expected a torch.nn.Module")
-    xb, yb = first_batch(data)
+    xb, yb = first_batch(data, what=what)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.train(False)   # no batch-norm statistics move on this probe
@@ -144,7 +145,7 @@ def load_user_data(spec: str, shard: int, num_shards: int, seed: int, *, batch_s
     train = as_data(result[0], f"dataset: {spec}: train", batch_size=batch_size, generator=generator)
     test = None if result[1] is None else as_data(result[1], f"dataset: {spec}: test", batch_size=batch_size,
                                                   shuffle=False)
-    xb, _ = first_batch(train)
+    xb, _ = first_batch(train, what=f"dataset: {spec}: train")
     for part, name in ((train, "train"), (test, "test")):
         if part is not None and not isinstance(part, DataLoader) and part[0].shape[1:] != xb.shape[1:]:
             raise ConfigError(f"dataset: {spec}: {name} samples are {tuple(part[0].shape[1:])}, "

@@ -4,6 +4,10 @@ Theory of operation: a `LocalTrainer` owns one peer's optimizer state (momentum 
 across rounds) and runs the local part of a round: K steps, or E epochs of mini-batches drawn
 from the peer's data with the peer's own torch.Generator, so a run replays exactly from its seed.
 It only touches the model's trainable parameters; frozen ones are never perturbed nor updated.
+The data is (x, y) tensors on the model's device, or a DataLoader (then its batches, moved to the
+device as drawn, and its own order). The loss is `TrainConfig.loss` (cross-entropy by default) and
+`evaluate` reports `TrainConfig.metric` (accuracy by default): see `p2pfl.learn.objectives`. The
+round's loss is summed on the device and read once a round (one sync, not one per step).
 
 SAM (Foret et al.; the local step of DFedSAM, Shi et al. 2023): for each mini-batch,
     g = grad L(w);  eps = rho * g / ||g||_2 (one norm over all trainable parameters)

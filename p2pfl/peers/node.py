@@ -286,7 +286,7 @@ class Node(Membership):
             "rounds": s.rounds, "rounds_done": self.peer.round, "rounds_run": len(self.events),
             "first_round": self.first_round, "resumed_from": self.resumed_from, "stopped": self.stopping,
             "seed": s.seed, "topology": "explicit" if self.explicit else f"degree:{s.degree}",
-            "dataset": s.dataset, "partition": s.partition, "aggregator": s.aggregator,
+            "dataset": s.dataset, "partition": s.partition, "aggregator": s.aggregator, "metric": s.metric,
             "accuracy": last,
             "honest_accuracy": {"mean": last, "min": last, "max": last},
             "bytes_sent": self.transport.stats.bytes_sent, "bytes_received": self.transport.stats.bytes_received,

@@ -17,6 +17,11 @@ The same class is what an application embeds:
                 neighbors={"12D3KooW...": None})
     async with peer:
         await peer.train(rounds=50)
+
+`train_data` and `test_data` are (x, y) tensors or NumPy arrays, a torch Dataset or a DataLoader
+(`p2pfl.learn.custom.as_data`); the model and the loss run once on two samples of each when the
+peer is built, so what cannot work is refused here, not mid-run. The peer's device is its model's.
+`train_data=None` is a peer whose application trains the model itself (`GossipAverager`).
 """
 
 from __future__ import annotations

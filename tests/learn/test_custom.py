@@ -143,6 +143,10 @@ def _xy(n=32, seed=0):
     ((torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long)),
      "train_data: the model and loss do not fit the data (x(2, 3) torch.float64"),
     ((torch.zeros(4, 5), torch.zeros(4, dtype=torch.long)), "the model and loss do not fit the data (x(2, 5)"),
+    (DataLoader(TensorDataset(torch.zeros(4, 3)), batch_size=2), "train_data: a DataLoader batch must be an (x, y) "
+                                                                  "pair of tensors, got list"),
+    (DataLoader(TensorDataset(torch.zeros(0, 3), torch.zeros(0)), batch_size=2), "train_data: the DataLoader yields "
+                                                                                  "no batch"),
 ])
 def test_the_peer_refuses_what_it_cannot_train_on_at_construction(value, needle):
     with pytest.raises(ConfigError) as e:
