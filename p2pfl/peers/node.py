@@ -37,12 +37,11 @@ from p2pfl.errors import ConfigError, LocalProtocolError
 from p2pfl.files import MetricsLog, load_identity, save_identity, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.rounds import agreed_round
-from p2pfl.learn.custom import build_model, load_user_data
+from p2pfl.learn.custom import Data, build_model, load_user_data
 from p2pfl.learn.datasets import load_dataset
 from p2pfl.learn.models import ParamLayout
 from p2pfl.learn.objectives import is_import_string
 from p2pfl.learn.partition import partition
-from p2pfl.learn.train import Data
 from p2pfl.peers import checkpoint
 from p2pfl.peers.exchange import DialPolicy
 from p2pfl.peers.factory import make_peer
@@ -87,6 +86,22 @@ def _read_lines(path: str, what: str) -> list[str]:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
 
 
+def shard_data(s: PeerSettings, i: int, n: int,
+               device: torch.device) -> tuple[Data, Data | None, tuple[int, ...], int | None]:
+    """Shard i of n, the test data, one sample's shape and the number of outputs: a built-in dataset
+    split as the simulator splits it, or what the user's loader (`dataset = "pkg.module:loader"`)
+    returns for the shard (the Peer moves its tensors to the model's device)."""
+    if is_import_string(s.dataset):
+        user = load_user_data(s.dataset, i, n, s.seed, batch_size=s.batch_size)
+        return user.train, user.test, user.input_shape, user.num_classes
+    rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
+    data = load_dataset(s.dataset, seed=s.seed)
+    shard = partition(data.y_train, n, s.partition, rng)[i]
+    to = lambda a: torch.from_numpy(np.array(a)).to(device)   # copy: cached arrays are read-only
+    return ((to(data.x_train[shard]), to(data.y_train[shard])), (to(data.x_test), to(data.y_test)),
+            data.input_shape, data.num_classes)
+
+
 class Node(Membership):
     def __init__(self, s: PeerSettings, report: Callable[[str], None] = print) -> None:
         self.s, self.report = s, report
@@ -96,8 +111,8 @@ class Node(Membership):
         if s.threads:
             torch.set_num_threads(s.threads)
         self.identity = identity_of(s)
-        i = s.shard_index()[0]
-        train, test, input_shape, num_classes = self._data()
+        i, n = s.shard_index()
+        train, test, input_shape, num_classes = shard_data(s, i, n, self.device)
         model = build_model(s.model, input_shape, num_classes, hidden=s.hidden, seed=s.seed).to(self.device)
         self.schema = ParamLayout.of(model).schema
         psk = s.network_psk()
@@ -152,21 +167,6 @@ class Node(Membership):
         self.first_round = self.peer.round
         self._train_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
-
-    def _data(self) -> tuple[Data, Data | None, tuple[int, ...], int | None]:
-        """This peer's shard, the test data, one sample's shape and the number of outputs: a built-in
-        dataset split as the simulator splits it, or what the user's loader returns for the shard."""
-        s = self.s
-        i, n = s.shard_index()
-        if is_import_string(s.dataset):
-            user = load_user_data(s.dataset, i, n, s.seed, batch_size=s.batch_size)
-            return user.train, user.test, user.input_shape, user.num_classes
-        rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
-        data = load_dataset(s.dataset, seed=s.seed)
-        shard = partition(data.y_train, n, s.partition, rng)[i]
-        to = lambda a: torch.from_numpy(np.array(a)).to(self.device)   # copy: cached arrays are read-only
-        return ((to(data.x_train[shard]), to(data.y_train[shard])), (to(data.x_test), to(data.y_test)),
-                data.input_shape, data.num_classes)
 
     # -- entry point ------------------------------------------------------------------------------
     async def main(self) -> dict[str, Any]:
