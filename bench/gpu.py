@@ -1,6 +1,6 @@
 """Per-round time of a ~25M-parameter model on whatever device exists (`--device cuda` on a GPU).
 
-    .venv/bin/python bench/gpu.py [--device auto|cpu|cuda] [--rounds 3] [--local-steps 1] [--peers 2] [--hidden 4096]
+    .venv/bin/python bench/gpu.py [--quick] [--device auto|cpu|cuda] [--rounds 3] [--local-steps 1] [--peers 2] [--hidden 4096]
 
 Two peers (full mesh) in one trio loop over the memory transport with `wire=True`, so every model
 frame is encoded, signed, checked and decoded as on the network: the one host round trip a GPU
@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--peers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=4096, help="hidden width (4096: 25.2M parameters)")
+    ap.add_argument("--quick", action="store_true", help="the short CPU run: 3 rounds of 1 local step")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.local_steps = 3, 1
     name = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         "cpu" if args.device == "auto" else args.device
     device = torch.device(name)
