@@ -1,4 +1,4 @@
-"""A user's own model and data for p2pfl, in the user's own module (see README.md here).
+"""A user's own model and data for p2pfl, in the user's own module (see docs/own-model.md).
 
     cd examples/custom_model
     python -m p2pfl.cli sim scenario.toml

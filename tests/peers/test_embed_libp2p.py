@@ -12,6 +12,7 @@ import trio
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import p2pfl
 from p2pfl import ConfigError, Identity, MemoryNetwork, Peer, PeerConfig, TrainConfig
 from p2pfl.transports import Libp2pTransport, libp2p_transport
 
@@ -43,7 +44,7 @@ def test_two_embedded_peers_train_over_libp2p_after_connect():
             torch.manual_seed(0)
             models.append(Net())
         transports = [libp2p_transport(ident, m, listen=["/ip4/127.0.0.1/tcp/0"]) for ident, m in zip(ids, models)]
-        assert all(isinstance(t, Libp2pTransport) for t in transports)
+        assert all(isinstance(t, Libp2pTransport) for t in transports) and p2pfl.Libp2pTransport is Libp2pTransport
         events = []
         async with AsyncExitStack() as stack:
             for t in transports:
