@@ -41,11 +41,6 @@ class LearningSettings:
                                                    "same on every peer of a federation)"})
     model: str = field(default="mlp", metadata={"help": "mlp, cnn, or 'pkg.module:factory' (your own nn.Module)"})
     hidden: tuple[int, ...] = field(default=(64,), metadata={"help": "hidden layer widths, e.g. 64,32"})
-    # not `loss`: a scenario's `loss` is the memory network's packet loss
-    loss_fn: str = field(default="cross_entropy", metadata={
-        "help": f"training loss: {', '.join(LOSSES)}, or 'pkg.module:fn' (fn(output, target) returning a scalar)"})
-    metric: str = field(default="accuracy", metadata={
-        "help": f"test metric: {', '.join(METRICS)}, or 'pkg.module:fn' (fn(output, target) returning (total, count))"})
     # the algorithm (p2pfl.algorithms); None: dfedavg, named in results by what rho/momentum run
     algorithm: str | None = field(default=None, metadata={"help": "algorithm"})
     algorithm_params: dict[str, Any] = field(default_factory=dict, metadata={
@@ -61,6 +56,11 @@ class LearningSettings:
     local_epochs: float = field(default=2.0, metadata={"help": "local epochs per round"})
     local_steps: int | None = field(default=None, metadata={"help": "local steps per round (overrides epochs)"})
     rho: float | None = field(default=None, metadata={"help": "SAM radius (0 = SGD); wins over the preset"})
+    # not `loss`: a scenario's `loss` is the memory network's packet loss
+    loss_fn: str = field(default="cross_entropy", metadata={
+        "help": f"training loss: {', '.join(LOSSES)}, or 'pkg.module:fn' (fn(output, target) returning a scalar)"})
+    metric: str = field(default="accuracy", metadata={
+        "help": f"test metric: {', '.join(METRICS)}, or 'pkg.module:fn' (fn(output, target) returning (total, count))"})
     # gossip and aggregation
     gossip_steps: int = field(default=1, metadata={"help": "gossip steps Q per round (Q > 1: -MGS)"})
     aggregator: str = field(default="mixing", metadata={"help": "aggregation rule (mixing: Metropolis-Hastings)"})
