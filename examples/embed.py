@@ -1,8 +1,9 @@
 """Embedding p2pfl in an application: your own nn.Module, your own data, four peers.
 
 Each peer is a `p2pfl.Peer`; here they share an in-process `MemoryNetwork` so the example runs
-anywhere in seconds. Over a real network the transport is the libp2p one instead; the Peer code
-does not change.
+anywhere in seconds. Over a real network the transport is the libp2p one instead
+(`p2pfl.transports.libp2p_transport`, then `await peer.connect(multiaddr)`: docs/own-model.md); the
+Peer code does not change.
 
     python examples/embed.py
 """

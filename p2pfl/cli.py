@@ -79,7 +79,7 @@ def _results_table(summary: dict[str, Any]) -> Table:
     for col in ("", "mean", "min", "max"):
         t.add_column(col, justify="right")
     acc = summary["honest_accuracy"]
-    label = "peers' test accuracy"
+    label = f"peers' test {summary.get('metric', 'accuracy')}"
     if summary.get("attackers"):
         label = f"honest peers' accuracy ({summary['attackers']} {summary['attack']} attackers excluded)"
     t.add_row(label, *(f"{acc[k]:.3f}" for k in ("mean", "min", "max")))

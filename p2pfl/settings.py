@@ -21,6 +21,7 @@ from p2pfl import algorithms
 from p2pfl.errors import ConfigError
 from p2pfl.learn import backbone
 from p2pfl.learn.models import MODELS
+from p2pfl.learn.objectives import LOSSES, METRICS, is_import_string, loss_function, metric_function, resolve
 from p2pfl.learn.partition import parse_partition
 from p2pfl.learn.train import TrainConfig, algorithm_name
 from p2pfl.robust import RULES
@@ -33,11 +34,13 @@ DATASETS = ("digits", "mnist1d", "synthetic", "npz:PATH")
 class LearningSettings:
     rounds: int = field(default=30, metadata={"help": "rounds to run"})
     # data and model
-    dataset: str = field(default="digits", metadata={"help": "digits, mnist1d, synthetic, npz:PATH"})
+    dataset: str = field(default="digits", metadata={
+        "help": "digits, mnist1d, synthetic, npz:PATH, or 'pkg.module:loader' (your own: loader(shard, num_shards, "
+                "seed) returning (train, test))"})
     partition: str = field(default="dirichlet:0.5", metadata={"help": "iid, dirichlet:ALPHA, classes:K"})
     seed: int = field(default=0, metadata={"help": "seed of the data split, the initial model and the rest (the "
                                                    "same on every peer of a federation)"})
-    model: str = field(default="mlp", metadata={"help": "mlp or cnn"})
+    model: str = field(default="mlp", metadata={"help": "mlp, cnn, or 'pkg.module:factory' (your own nn.Module)"})
     hidden: tuple[int, ...] = field(default=(64,), metadata={"help": "hidden layer widths, e.g. 64,32"})
     backbone: str | None = field(default=None, metadata={
         "help": "pre-trained backbone file (p2pfl backbone pretrain): frozen, only the output layer is trained and "
@@ -57,6 +60,11 @@ class LearningSettings:
     local_epochs: float = field(default=2.0, metadata={"help": "local epochs per round"})
     local_steps: int | None = field(default=None, metadata={"help": "local steps per round (overrides epochs)"})
     rho: float | None = field(default=None, metadata={"help": "SAM radius (0 = SGD); wins over the preset"})
+    # not `loss`: a scenario's `loss` is the memory network's packet loss
+    loss_fn: str = field(default="cross_entropy", metadata={
+        "help": f"training loss: {', '.join(LOSSES)}, or 'pkg.module:fn' (fn(output, target) returning a scalar)"})
+    metric: str = field(default="accuracy", metadata={
+        "help": f"test metric: {', '.join(METRICS)}, or 'pkg.module:fn' (fn(output, target) returning (total, count))"})
     # gossip and aggregation
     gossip_steps: int = field(default=1, metadata={"help": "gossip steps Q per round (Q > 1: -MGS)"})
     aggregator: str = field(default="mixing", metadata={"help": "aggregation rule (mixing: Metropolis-Hastings)"})
@@ -80,10 +88,18 @@ class LearningSettings:
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError(f"hidden: layer widths must be >= 1, got {list(self.hidden)}")
         parse_partition(self.partition)
-        if not (self.dataset in DATASETS[:3] or self.dataset.startswith("npz:")):
-            raise ConfigError(f"dataset: unknown value {self.dataset!r}; allowed: {', '.join(DATASETS)}")
-        if self.model not in MODELS:
-            raise ConfigError(f"model: unknown value {self.model!r}; allowed: {', '.join(MODELS)}")
+        if is_import_string(self.dataset):
+            resolve(self.dataset, "dataset")   # imported now: a typo fails before any work
+        elif not (self.dataset in DATASETS[:3] or self.dataset.startswith("npz:")):
+            raise ConfigError(f"dataset: unknown value {self.dataset!r}; allowed: {', '.join(DATASETS)}, "
+                              "or 'pkg.module:loader'")
+        if is_import_string(self.model):
+            resolve(self.model, "model")
+        elif self.model not in MODELS:
+            raise ConfigError(f"model: unknown value {self.model!r}; allowed: {', '.join(MODELS)}, "
+                              "or 'pkg.module:factory'")
+        loss_function(self.loss_fn, "loss_fn")
+        metric_function(self.metric)
         if self.aggregator not in RULES:
             raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; allowed: {', '.join(sorted(RULES))}")
         if self.backbone is not None:   # read and verified once per process (cached)
@@ -116,7 +132,7 @@ class LearningSettings:
     def train_config(self) -> TrainConfig:
         return TrainConfig(lr=self.lr, lr_decay=self.lr_decay, weight_decay=self.weight_decay,
                            batch_size=self.batch_size, local_epochs=self.local_epochs,
-                           local_steps=self.local_steps, **self.local_update())
+                           local_steps=self.local_steps, loss=self.loss_fn, metric=self.metric, **self.local_update())
 
     def attack_settings(self) -> dict[str, Any]:
         """The attack's parameters completed with their defaults ({} for none); ConfigError naming the key."""

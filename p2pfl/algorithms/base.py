@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from p2pfl.gossip.payloads import PayloadSpec
-from p2pfl.learn.train import TrainConfig
+from p2pfl.learn.train import Data, TrainConfig
 
 Tensor = torch.Tensor
 Received = Mapping[str, Mapping[str, Tensor]]
@@ -55,7 +55,7 @@ class Context:
 
     peer_id: str
     model: nn.Module
-    train_data: tuple[Tensor, Tensor]
+    train_data: Data                   # (x, y) tensors on the model's device, or a DataLoader
     train: TrainConfig
     gossip: GossipConfig
     neighbors: Mapping[str, float]

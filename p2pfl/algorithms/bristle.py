@@ -172,6 +172,9 @@ class Bristle(Gossip):
         if len(trainable) != 2 or any(p is not q for p, q in zip(trainable, (self.head.weight, self.head.bias))):
             raise ConfigError("algorithm bristle: the model must train its output layer only (weight and bias); "
                               "set `backbone` to a pre-trained file (`p2pfl backbone pretrain`)")
+        if not isinstance(ctx.train_data, tuple):
+            raise ConfigError("algorithm bristle: needs the training data as (x, y) tensors, not a DataLoader "
+                              "(it holds out a per-class test split)")
         x, y = ctx.train_data
         generator = torch.Generator().manual_seed(ctx.seed ^ 0xB415)
         test = _test_split(y, params.test_per_class, generator)

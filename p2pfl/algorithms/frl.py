@@ -41,7 +41,7 @@ from p2pfl.errors import ConfigError
 from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.learn.models import FlatParameters
 from p2pfl.learn.supermask import score_layers, to_supermask
-from p2pfl.learn.train import LocalTrainer
+from p2pfl.learn.train import LocalTrainer, unpack
 from p2pfl.robust.ranks import footrule, is_permutation, rank_vote, ranking, reversed_vote, scores_in_order
 
 U16_EDGES = 1 << 16    # a layer with fewer edges than this travels as u16
@@ -89,7 +89,7 @@ class FRL(Algorithm):
         self.sorted_initial = [s.sort().values for s in self._split(self.x)]
         train = dataclasses.replace(ctx.train, lr=params.lr, lr_decay=params.lr_decay, momentum=params.momentum,
                                     weight_decay=params.weight_decay, rho=0.0)
-        self.trainer = LocalTrainer(ctx.model, *ctx.train_data, train, torch.Generator().manual_seed(ctx.seed))
+        self.trainer = LocalTrainer(ctx.model, *unpack(ctx.train_data), train, torch.Generator().manual_seed(ctx.seed))
         self.dtype = "u16" if max(self.sizes) < U16_EDGES else "u32"
         self.ranks = self._rank(self.x)
 

@@ -26,7 +26,7 @@ from p2pfl.algorithms.base import Algorithm, Context, Received, Tensor
 from p2pfl.errors import ConfigError
 from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.learn.models import FlatParameters, ParamLayout
-from p2pfl.learn.train import LocalTrainer
+from p2pfl.learn.train import LocalTrainer, unpack
 from p2pfl.robust import RULES, aggregate
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Gossip(Algorithm):
         generator = torch.Generator().manual_seed(ctx.seed)
         self.layout = ParamLayout.of(ctx.model)
         self.flat = FlatParameters(ctx.model)   # before the optimizer: it must see the re-homed params
-        self.trainer = LocalTrainer(ctx.model, *ctx.train_data, ctx.train, generator)
+        self.trainer = LocalTrainer(ctx.model, *unpack(ctx.train_data), ctx.train, generator)
         self._bucket_generator = torch.Generator().manual_seed(ctx.seed + 1)
         self.x = self.flat.get()                # x_i: the shared parameters
 
@@ -110,3 +110,25 @@ class Gossip(Algorithm):
             self.counters["too_few_inputs"] += 1
             log.warning("%s: round %d: %s; keeping own vector", self.ctx.peer_id, t, e)
             return own, distance
+
+
+class ExternalUpdate(Gossip):
+    """The gossip of `Gossip` without its local training: the application trained the model in its
+    own loop (`p2pfl.GossipAverager`), and `local_update` takes x_i from the model as it is. A model
+    that is not finite is not sent: x_i stays the last one (`non_finite_update`)."""
+
+    def __init__(self, ctx: Context, params: Any = None) -> None:
+        Algorithm.__init__(self, ctx, params)   # no LocalTrainer: there is nothing to train on
+        self.layout = ParamLayout.of(ctx.model)
+        self.flat = FlatParameters(ctx.model)
+        self._bucket_generator = torch.Generator().manual_seed(ctx.seed + 1)
+        self.x = self.flat.get()
+
+    def local_update(self, t: int) -> Mapping[str, Any]:
+        x = self.flat.get()
+        if bool(torch.isfinite(x).all()):
+            self.x = x
+        else:
+            self.counters["non_finite_update"] += 1
+            log.warning("%s: round %d: the model is not finite; gossiping the previous one", self.ctx.peer_id, t)
+        return {}

@@ -4,6 +4,10 @@ Theory of operation: a `LocalTrainer` owns one peer's optimizer state (momentum 
 across rounds) and runs the local part of a round: K steps, or E epochs of mini-batches drawn
 from the peer's data with the peer's own torch.Generator, so a run replays exactly from its seed.
 It only touches the model's trainable parameters; frozen ones are never perturbed nor updated.
+The data is (x, y) tensors on the model's device, or a DataLoader (then its batches, moved to the
+device as drawn, and its own order). The loss is `TrainConfig.loss` (cross-entropy by default) and
+`evaluate` reports `TrainConfig.metric` (accuracy by default): see `p2pfl.learn.objectives`. The
+round's loss is summed on the device and read once a round (one sync, not one per step).
 
 SAM (Foret et al.; the local step of DFedSAM, Shi et al. 2023): for each mini-batch,
     g = grad L(w);  eps = rho * g / ||g||_2 (one norm over all trainable parameters)
@@ -15,12 +19,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from p2pfl.errors import ConfigError
+from p2pfl.learn.objectives import Loss, Metric, loss_function, metric_function
+
+# A peer's data: (features, targets) tensors, or a DataLoader yielding (features, targets) batches.
+Data = Union[tuple[torch.Tensor, torch.Tensor], DataLoader]
 
 
 @dataclass(frozen=True)
@@ -34,8 +43,12 @@ class TrainConfig:
     local_steps: int | None = None
     rho: float = 0.0               # SAM radius; 0 = SGD
     max_grad_norm: float | None = None
+    loss: Loss = "cross_entropy"   # a name of objectives.LOSSES, an import string, or loss(output, target)
+    metric: Metric = "accuracy"    # a name of objectives.METRICS, an import string, or a callable
 
     def __post_init__(self) -> None:
+        loss_function(self.loss)
+        metric_function(self.metric)
         finite = math.isfinite
         checks = {   # key: (valid, what is allowed)
             "lr": (self.lr > 0 and finite(self.lr), "> 0 and finite"),
@@ -52,10 +65,13 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{key}: must be {allowed}, got {getattr(self, key)!r}")
 
-    def steps_per_round(self, n_samples: int) -> int:
+    def steps_per_round(self, n_samples: int, batches: int | None = None) -> int:
+        """K: `local_steps`, else `local_epochs` passes over the data (`batches` a pass when a
+        DataLoader sets the batch size, else n_samples / batch_size)."""
         if self.local_steps is not None:
             return self.local_steps
-        return max(1, math.ceil(self.local_epochs * n_samples / self.batch_size))
+        per_epoch = batches if batches is not None else n_samples / self.batch_size
+        return max(1, math.ceil(self.local_epochs * per_epoch))
 
 
 # Algorithm presets: the defaults a named algorithm gives to the local-update keys. A key that is set
@@ -94,20 +110,35 @@ class TrainStats:
 
 
 class LocalTrainer:
-    """SGD (rho=0) or SAM (rho>0) over a peer's local tensors."""
+    """SGD (rho=0) or SAM (rho>0) over a peer's local tensors, or over the batches of a DataLoader
+    (`x` the loader, `y` None): the loader then decides batch size and order, so a resumed run does
+    not replay its batches exactly as a tensor one does."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+    def __init__(self, model: nn.Module, x: torch.Tensor | DataLoader, y: torch.Tensor | None, config: TrainConfig,
                  generator: torch.Generator) -> None:
-        if len(x) == 0:
-            raise ConfigError("a peer needs at least one training sample")
-        self.model, self.x, self.y, self.config, self.generator = model, x, y, config, generator
+        self.loader: DataLoader | None = x if isinstance(x, DataLoader) else None
+        self.x: torch.Tensor | None = None if isinstance(x, DataLoader) else x
+        self.y = y
+        if self.loader is not None:
+            if config.local_steps is None and not _has_len(self.loader):
+                raise ConfigError("local_steps: a DataLoader without a length (an IterableDataset) needs "
+                                  "local_steps, not local_epochs")
+        elif y is None or len(x) == 0:
+            raise ConfigError("a peer needs at least one training sample (x and y)")
+        self.model, self.config, self.generator = model, config, generator
+        self.loss_fn = loss_function(config.loss)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device if self.params else torch.device("cpu")
         self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self._order = torch.empty(0, dtype=torch.long)
         self._cursor = 0
+        self._batches: Any = None   # the loader's running iterator
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.loader is not None:
+            return self._next_loader_batch()
+        assert self.x is not None and self.y is not None
         n, b = len(self.x), min(self.config.batch_size, len(self.x))
         if self._cursor + b > len(self._order):     # new epoch: reshuffle with the peer's generator
             self._order = torch.randperm(n, generator=self.generator)
@@ -116,16 +147,30 @@ class LocalTrainer:
         self._cursor += b
         return self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)]
 
+    def _next_loader_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.loader is not None
+        for fresh in (False, True):
+            if self._batches is None or fresh:
+                self._batches = iter(self.loader)
+            try:
+                xb, yb = next(self._batches)
+            except StopIteration:
+                continue
+            # to the model's device; non_blocking: a pinned batch copies while the last step runs
+            return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+        raise ConfigError("the training DataLoader yields no batch")
+
     def _loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.model(xb), yb)
+        return self.loss_fn(self.model(xb), yb)
 
     def train_round(self, round_: int) -> TrainStats:
         cfg = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * cfg.lr_decay ** round_
         self.model.train()
-        steps = cfg.steps_per_round(len(self.x))
-        total = 0.0
+        steps = cfg.steps_per_round(len(self.x), None) if self.x is not None else \
+            cfg.steps_per_round(0, len(self.loader) if self.loader is not None and _has_len(self.loader) else None)
+        total = torch.zeros((), device=self.device)   # summed on the device: one sync a round, not a step
         for _ in range(steps):
             xb, yb = self._next_batch()
             self.optimizer.zero_grad(set_to_none=True)
@@ -136,8 +181,8 @@ class LocalTrainer:
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
-            total += loss.item()
-        return TrainStats(loss=total / steps, steps=steps)
+            total += loss.detach()
+        return TrainStats(loss=float(total) / steps, steps=steps)
 
     def _sam_second_pass(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         """Replace the gradients with the gradient at w + eps, eps = rho * g / ||g||."""
@@ -155,13 +200,36 @@ class LocalTrainer:
                 p.sub_(e)
 
 
+def unpack(data: Data) -> tuple[Any, Any]:
+    """(x, y) tensors, or (loader, None): the positional form `LocalTrainer` and `evaluate` take."""
+    return (data, None) if isinstance(data, DataLoader) else (data[0], data[1])
+
+
+def _has_len(loader: Any) -> bool:
+    try:
+        len(loader)
+    except TypeError:
+        return False
+    return True
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of `model` on (x, y)."""
+def evaluate(model: nn.Module, x: torch.Tensor | DataLoader, y: torch.Tensor | None = None, batch_size: int = 4096,
+             *, loss: Loss = "cross_entropy", metric: Metric = "accuracy") -> tuple[float, float]:
+    """(metric, mean loss) of `model` on (x, y) tensors, or on the batches of a DataLoader `x`.
+    The defaults are classification accuracy and cross-entropy."""
+    loss_fn, metric_fn = loss_function(loss), metric_function(metric)
     model.train(False)  # evaluation mode (dropout off, norm layers use their statistics)
-    correct, loss = 0, 0.0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i:i + batch_size])
-        loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
-        correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
-    return correct / max(1, len(x)), loss / max(1, len(x))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if isinstance(x, DataLoader):
+        batches: Any = ((xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)) for xb, yb in x)
+    else:
+        assert y is not None
+        batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
+    score, count, total = 0.0, 0, torch.zeros((), device=device)
+    for xb, yb in batches:
+        out = model(xb)
+        total += loss_fn(out, yb) * len(yb)
+        part, n = metric_fn(out, yb)
+        score, count = score + float(part), count + int(n)
+    return score / max(1, count), float(total) / max(1, count)

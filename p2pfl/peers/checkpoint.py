@@ -272,7 +272,7 @@ def _check_fits(ck: Checkpoint, trainer: LocalTrainer) -> None:
         torch.Generator(device=trainer.generator.device).set_state(ck.generator.cpu())
     except RuntimeError as e:
         raise _Bad(f"generator: {_one_line(e)}") from None
-    n = len(trainer.x)
+    n = len(trainer.x) if trainer.x is not None else 0   # a DataLoader's order is its own
     if len(ck.order) not in (0, n) or (len(ck.order) and not torch.equal(ck.order.sort().values.cpu(),
                                                                          torch.arange(n))):
         raise _Bad(f"order: not a permutation of this peer's {n} training samples")

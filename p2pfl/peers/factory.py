@@ -8,17 +8,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
+from p2pfl.errors import ConfigError
+from p2pfl.learn.train import Data
 from p2pfl.peers.attacker import AttackerPeer, Board, Knowledge, ObservedPeer
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.transport import Transport
 
 
-def make_peer(model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *, transport: Transport,
+def make_peer(model: nn.Module, train_data: Data, *, transport: Transport,
               neighbors: Mapping[str, float | None], config: PeerConfig,
-              test_data: tuple[torch.Tensor, torch.Tensor] | None = None, num_classes: int | None = None,
+              test_data: Data | None = None, num_classes: int | None = None,
               attack: str = "none", attack_params: Mapping[str, Any] | None = None,
               knowledge: Knowledge | None = None, colluders: Iterable[str] = (), board: Board | None = None,
               offload: bool = True, settle: Callable[[], Awaitable[None]] | None = None) -> Peer:
@@ -28,6 +29,8 @@ def make_peer(model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *
     common: dict[str, Any] = {"transport": transport, "neighbors": neighbors, "config": config,
                               "num_classes": num_classes, "offload": offload, "settle": settle}
     if attack != "none":
+        if not isinstance(train_data, tuple):
+            raise ConfigError(f"attack: an attacker ({attack}) trains on (x, y) tensors, not a DataLoader")
         return AttackerPeer(model, train_data, attack=attack, attack_params=attack_params, knowledge=knowledge,
                             colluders=colluders, **common)
     if board is not None:

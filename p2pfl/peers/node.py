@@ -43,8 +43,10 @@ from p2pfl.files import MetricsLog, load_identity, save_identity, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.rounds import agreed_round
 from p2pfl.learn import backbone
+from p2pfl.learn.custom import Data, build_model, load_user_data
 from p2pfl.learn.datasets import load_dataset
-from p2pfl.learn.models import ParamLayout, make_model
+from p2pfl.learn.models import ParamLayout
+from p2pfl.learn.objectives import is_import_string
 from p2pfl.peers import checkpoint, preflight
 from p2pfl.peers import settings as peer_settings
 from p2pfl.peers.exchange import DialPolicy
@@ -96,6 +98,23 @@ def _read_lines(path: str, what: str) -> list[str]:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
 
 
+def shard_data(s: PeerSettings, i: int, n: int,
+               device: torch.device) -> tuple[Data, Data | None, tuple[int, ...], int | None]:
+    """Shard i of n, the test data, one sample's shape and the number of outputs: a built-in dataset
+    split as the simulator splits it, or what the user's loader (`dataset = "pkg.module:loader"`)
+    returns for the shard (the Peer moves its tensors to the model's device)."""
+    if is_import_string(s.dataset):
+        user = load_user_data(s.dataset, i, n, s.seed, batch_size=s.batch_size)
+        return user.train, user.test, user.input_shape, user.num_classes
+    rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
+    data = load_dataset(s.dataset, seed=s.seed)
+    frozen = backbone.load(s.backbone) if s.backbone else None
+    shard = backbone.peer_shards(data.y_train, n, s.partition, rng, frozen)[i]
+    to = lambda a: torch.from_numpy(np.array(a)).to(device)   # copy: cached arrays are read-only
+    return ((to(data.x_train[shard]), to(data.y_train[shard])), (to(data.x_test), to(data.y_test)),
+            data.input_shape, data.num_classes)
+
+
 class Node(Membership):
     def __init__(self, s: PeerSettings, report: Callable[[str], None] = print) -> None:
         self.s, self.report = s, report
@@ -113,16 +132,10 @@ class Node(Membership):
             torch.set_num_threads(s.threads)
         self.identity = identity_of(s, self.report)
         i, n = s.shard_index()
-        rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
-        data = load_dataset(s.dataset, seed=s.seed)
-        frozen = backbone.load(s.backbone) if s.backbone else None
-        shard = backbone.peer_shards(data.y_train, n, s.partition, rng, frozen)[i]
-        to = lambda a: torch.from_numpy(np.array(a)).to(self.device)   # copy: cached arrays are read-only
-        train = (to(data.x_train[shard]), to(data.y_train[shard]))
-        test = (to(data.x_test), to(data.y_test))
-        model = make_model(s.model, data.input_shape, data.num_classes, hidden=s.hidden, seed=s.seed)
-        if frozen is not None:
-            frozen.attach(model)   # only the head stays trainable, so only the head is gossiped
+        train, test, input_shape, num_classes = shard_data(s, i, n, self.device)
+        model = build_model(s.model, input_shape, num_classes, hidden=s.hidden, seed=s.seed)
+        if s.backbone:
+            backbone.load(s.backbone).attach(model)   # only the head stays trainable, so only the head is gossiped
         model = model.to(self.device)
         self.schema = ParamLayout.of(model).schema
         psk = s.network_psk()
@@ -143,7 +156,7 @@ class Node(Membership):
                             check_degree=False)
         self.byzantine = s.attack != "none"
         self.peer: Peer = make_peer(model, train, transport=self.transport, neighbors={}, config=config,
-                                    test_data=test, num_classes=data.num_classes, attack=s.attack,
+                                    test_data=test, num_classes=num_classes, attack=s.attack,
                                     attack_params=s.attack_params, colluders=s.colluders)
         self.peer.on_event = self._on_round
         self.resumed_from: int | None = None
@@ -321,7 +334,7 @@ class Node(Membership):
             "rounds": s.rounds, "rounds_done": self.peer.round, "rounds_run": len(self.events),
             "first_round": self.first_round, "resumed_from": self.resumed_from, "stopped": self.stopping,
             "seed": s.seed, "topology": "explicit" if self.explicit else f"degree:{s.degree}",
-            "dataset": s.dataset, "partition": s.partition, "aggregator": s.aggregator,
+            "dataset": s.dataset, "partition": s.partition, "aggregator": s.aggregator, "metric": s.metric,
             "accuracy": last,
             "honest_accuracy": {"mean": last, "min": last, "max": last},
             "bytes_sent": self.transport.stats.bytes_sent, "bytes_received": self.transport.stats.bytes_received,

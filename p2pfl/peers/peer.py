@@ -17,6 +17,11 @@ The same class is what an application embeds:
                 neighbors={"12D3KooW...": None})
     async with peer:
         await peer.train(rounds=50)
+
+`train_data` and `test_data` are (x, y) tensors or NumPy arrays, a torch Dataset or a DataLoader
+(`p2pfl.learn.custom.as_data`); the model and the loss run once on two samples of each when the
+peer is built, so what cannot work is refused here, not mid-run. The peer's device is its model's.
+`train_data=None` is a peer whose application trains the model itself (`GossipAverager`).
 """
 
 from __future__ import annotations
@@ -26,23 +31,28 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 import torch
 import trio
 from torch import nn
+from torch.utils.data import DataLoader
 
 from p2pfl import algorithms
 from p2pfl.algorithms import Algorithm, Context, GossipConfig
+from p2pfl.algorithms.gossip import ExternalUpdate
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import payloads
 from p2pfl.gossip.codec import INT_DTYPES, Frame
 from p2pfl.gossip.codec import storage as codec_storage
 from p2pfl.gossip.payloads import DEFAULT_MAX_ABS
 from p2pfl.gossip.rounds import StepTracker
+from p2pfl.learn.custom import as_data, check_fit
 from p2pfl.learn.models import ParamLayout
-from p2pfl.learn.train import TrainConfig, evaluate
+from p2pfl.learn.objectives import loss_function, name_of
+from p2pfl.learn.train import Data, TrainConfig, evaluate, unpack
 from p2pfl.peers.transport import Transport
 from p2pfl.robust import RULES, check_rule
 
@@ -91,9 +101,9 @@ class PeerConfig:
 
 
 class Peer:
-    def __init__(self, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *, transport: Transport,
+    def __init__(self, model: nn.Module, train_data: Any, *, transport: Transport,
                  neighbors: Mapping[str, float | None], config: PeerConfig | None = None,
-                 test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 test_data: Any = None,
                  on_event: Callable[[Event], None] | None = None, offload: bool = True,
                  num_classes: int | None = None, settle: Callable[[], Awaitable[None]] | None = None) -> None:
         """`neighbors` maps each neighbour's peer ID to its mixing weight W_ij (None: uniform 1/(deg+1)).
@@ -103,7 +113,20 @@ class Peer:
         due now happen first makes a seed give one result."""
         self.settle = settle
         self.config = config or PeerConfig()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model: got {type(model).__name__}, expected a torch.nn.Module")
         self.model = model
+        # data: tensors move to the model's device once, here; a DataLoader's batches move as drawn
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        own_loop = train_data is None   # the application trains the model itself (GossipAverager)
+        if own_loop:
+            train_data = (torch.empty(0), torch.empty(0))   # never read: the algorithm does not train
+        else:
+            train_data = self._data(train_data, "train_data")
+            check_fit(model, train_data, loss_function(self.config.train.loss), "train_data")
+        test_data = None if test_data is None else self._data(test_data, "test_data", shuffle=False)
+        if test_data is not None:   # evaluated every few rounds: a misfit must not wait for the first
+            check_fit(model, test_data, loss_function(self.config.train.loss), "test_data")
         self.transport = transport
         self.id = transport.local_id
         self.layout = ParamLayout.of(model)
@@ -117,7 +140,8 @@ class Peer:
         ctx = Context(peer_id=self.id, model=model, train_data=train_data, train=self.config.train,
                       gossip=self.config.gossip(), neighbors=self.weights, seed=self.config.seed,
                       num_classes=num_classes)
-        self.algorithm: Algorithm = algorithms.build(self.config.algorithm, ctx, self.config.algorithm_params)
+        self.algorithm: Algorithm = (ExternalUpdate(ctx) if own_loop else
+                                     algorithms.build(self.config.algorithm, ctx, self.config.algorithm_params))
         # what a neighbour's frame must carry; the transport refuses anything else before we see it
         self.payloads = dict(self.algorithm.payloads())
         transport.expect(self.payloads)
@@ -126,6 +150,11 @@ class Peer:
         self.round = 0                            # next round to run
         self._step_done = trio.Event()
         self._nursery: trio.Nursery | None = None
+
+    def _data(self, value: Any, what: str, shuffle: bool = True) -> Data:
+        data = as_data(value, what, batch_size=self.config.train.batch_size, shuffle=shuffle,
+                       generator=torch.Generator().manual_seed(self.config.seed))
+        return data if isinstance(data, DataLoader) else (data[0].to(self.device), data[1].to(self.device))
 
     def _weights(self, neighbors: Mapping[str, float | None]) -> dict[str, float]:
         if self.id in neighbors:
@@ -137,6 +166,18 @@ class Peer:
         if self.config.check_degree:
             check_rule(self.config.aggregator, degree, self.config.f, **self.config.aggregator_params)
         return weights
+
+    async def connect(self, addr: str) -> str:
+        """Dial a peer at `addr` (a multiaddr ending in /p2p/<peer ID>) over a transport that dials
+        (`Libp2pTransport`) and make it a neighbour; every neighbour then has the uniform weight
+        1/(degree+1). Returns its peer ID. The transport must be open (`async with transport:`)."""
+        dial = getattr(self.transport, "connect", None)
+        if dial is None:
+            raise ConfigError(f"connect: {type(self.transport).__name__} does not dial addresses; "
+                              "use Libp2pTransport (p2pfl.transports)")
+        peer_id, _ = await dial(addr)
+        self.set_neighbors({p: None for p in (*self.weights, peer_id)})
+        return str(peer_id)
 
     def set_neighbors(self, neighbors: Mapping[str, float | None]) -> None:
         self.weights = self._weights(neighbors)
@@ -227,8 +268,12 @@ class Peer:
             event.update(extra)
             event.update(self.round_info(t))
             if self.test_data is not None and (t % self.config.eval_every == 0 or t == last):
-                acc, loss = await self._compute(evaluate, self.model, *self.test_data)
-                event.update(accuracy=acc, test_loss=loss)
+                train = self.config.train
+                acc, loss = await self._compute(partial(evaluate, self.model, *unpack(self.test_data),
+                                                        loss=train.loss, metric=train.metric))
+                event.update(accuracy=acc, test_loss=loss)   # `accuracy`: the metric's value
+                if train.metric != "accuracy":
+                    event["metric"] = name_of(train.metric)
             self.round = t + 1
             self.on_event(event)
 
@@ -237,15 +282,20 @@ class Peer:
         self.tracker.begin(t, q)
         x = self.algorithm.vector()
         await self.prepare_step(t, q, x)
+        # one host copy of each tensor sent this step, whatever the number of neighbours it goes to:
+        # on a GPU peer that copy is the step's only transfer to the host
+        host: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
         for nb in self.tracker.neighbors:
             out = self.outgoing(t, q, x, nb)
             if out is None:
                 continue
             for kind, tensor in ({"model": out} if isinstance(out, torch.Tensor) else out).items():
+                key = (id(tensor), kind)
+                if key not in host:   # the tensor is kept alongside, so its id is not reused
+                    host[key] = (tensor, self._wire(kind, tensor))
                 # never modified in place after this point, so receivers may share the memory
                 await self.transport.send(nb, Frame(kind=kind, sender=self.id, round=t, step=q, schema=self.schema,
-                                                    dtype=self.payloads[kind].dtype,
-                                                    payload=self._wire(kind, tensor)))
+                                                    dtype=self.payloads[kind].dtype, payload=host[key][1]))
         waited = 0.0
         if not self.tracker.complete:
             start = trio.current_time()

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from p2pfl.algorithms.attack import NEIGHBORHOOD
 from p2pfl.errors import ConfigError
+from p2pfl.learn.train import Data
 from p2pfl.peers.attacker import Board, Knowledge
 from p2pfl.peers.factory import make_peer
 from p2pfl.peers.peer import Peer
@@ -53,13 +53,13 @@ class Cast:
     params: Mapping[str, Any]
     byzantine: frozenset[int]
     ids: Sequence[str]
-    num_classes: int
+    num_classes: int | None
     knowledge: Knowledge | None = field(default=None)
 
     @classmethod
     def of(cls, attack: str, params: Mapping[str, Any], byzantine: Iterable[int], ids: Sequence[str],
            nbrs: Sequence[Sequence[int]], W: np.ndarray, aggregator: str, gossip_steps: int,
-           num_classes: int) -> Cast:
+           num_classes: int | None) -> Cast:
         byz = frozenset(byzantine)
         if not byz or attack == "none":
             return cls(attack, params, frozenset(), ids, num_classes)
@@ -80,8 +80,8 @@ class Cast:
     def honest(self) -> list[int]:
         return [i for i in range(len(self.ids)) if i not in self.byzantine]
 
-    def peer(self, i: int, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *,
-             test_data: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> Peer:
+    def peer(self, i: int, model: nn.Module, train_data: Data, *, test_data: Data | None = None,
+             **kwargs: Any) -> Peer:
         k = self.knowledge
         if k is None or i not in self.byzantine:
             return make_peer(model, train_data, test_data=test_data, num_classes=self.num_classes,

@@ -31,14 +31,16 @@ import numpy as np
 import torch
 import trio
 import trio.testing
+from torch.utils.data import DataLoader
 
 from p2pfl.files import MetricsLog, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.topology import build_topology, metropolis_hastings, neighbors, spectral_gap
 from p2pfl.learn import backbone
+from p2pfl.learn.custom import UserData, build_model, check_fit, load_user_data
 from p2pfl.learn.datasets import Dataset, load_dataset
-from p2pfl.learn.models import make_model
-from p2pfl.learn.train import LocalTrainer, evaluate
+from p2pfl.learn.objectives import is_import_string, loss_function
+from p2pfl.learn.train import Data, LocalTrainer, evaluate, unpack
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.preflight import make_out_dir
@@ -51,48 +53,82 @@ Progress = Callable[[int, dict[str, Any]], None]
 
 @dataclass
 class Setup:
-    """Everything a run needs, built deterministically from the scenario."""
+    """Everything a run needs, built deterministically from the scenario. A built-in dataset is
+    `data`, split into `shards` by `partition`; a user's loader (`dataset = "pkg.module:loader"`) is
+    called once per peer and its shards are `user_train` (every peer is evaluated on shard 0's test)."""
 
     scenario: Scenario
-    data: Dataset
+    data: Dataset | None
     shards: list[np.ndarray]
     adjacency: np.ndarray
     W: np.ndarray
     identities: list[Identity]
     init: torch.nn.Module
+    num_classes: int | None = None
+    user_train: list[Data] | None = None
+    user_test: Data | None = None
 
     @classmethod
     def build(cls, s: Scenario) -> Setup:
         rng = np.random.default_rng(s.seed)
-        data = load_dataset(s.dataset, seed=s.seed)
+        data: Dataset | None = None
+        shards: list[np.ndarray] = []
+        user: list[UserData] | None = None
         frozen = backbone.load(s.backbone) if s.backbone else None
-        shards = backbone.peer_shards(data.y_train, s.peers, s.partition, rng, frozen)
+        if is_import_string(s.dataset):
+            user = [load_user_data(s.dataset, i, s.peers, s.seed, batch_size=s.batch_size) for i in range(s.peers)]
+            input_shape, num_classes = user[0].input_shape, user[0].num_classes
+        else:
+            data = load_dataset(s.dataset, seed=s.seed)
+            shards = backbone.peer_shards(data.y_train, s.peers, s.partition, rng, frozen)
+            input_shape, num_classes = data.input_shape, data.num_classes
         adj = build_topology(s.topology, s.peers, rng)
         seeds = rng.integers(0, 2**63, size=s.peers)
         identities = [Identity.generate(int(x).to_bytes(32, "big")) for x in seeds]
-        init = make_model(s.model, data.input_shape, data.num_classes, hidden=s.hidden, seed=s.seed)
+        init = build_model(s.model, input_shape, num_classes, hidden=s.hidden, seed=s.seed)
         if frozen is not None:
             frozen.attach(init)   # only the head stays trainable, so only the head is gossiped
-        return cls(s, data, shards, adj, metropolis_hastings(adj), identities, init)
+        setup = cls(s, data, shards, adj, metropolis_hastings(adj), identities, init, num_classes,
+                    [u.train for u in user] if user else None, user[0].test if user else None)
+        check_fit(init, setup.train_data(0), loss_function(s.loss_fn), "dataset")
+        return setup
 
     def tensors(self, idx: np.ndarray | None = None, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.data is not None, "a built-in dataset's tensors"
         x, y = (self.data.x_test, self.data.y_test) if test else (self.data.x_train, self.data.y_train)
         # indexing copies; the cached dataset arrays are read-only and shared
         x, y = (x[idx], y[idx]) if idx is not None else (x.copy(), y.copy())
         return torch.from_numpy(x), torch.from_numpy(y)
 
+    def train_data(self, i: int) -> Data:
+        return self.user_train[i] if self.user_train is not None else self.tensors(self.shards[i])
+
+    def test_data(self) -> Data | None:
+        return self.user_test if self.user_train is not None else self.tensors(test=True)
+
+    def union(self) -> Data | None:
+        """Every peer's training data in one, for the centralized reference (None: DataLoaders)."""
+        if self.user_train is None:
+            return self.tensors(np.concatenate(self.shards))
+        if any(isinstance(d, DataLoader) for d in self.user_train):
+            return None
+        pairs = [d for d in self.user_train if isinstance(d, tuple)]
+        return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+
 
 def centralized_reference(setup: Setup) -> list[float]:
-    """The same model and trainer on the union of the peers' data; accuracy after each round."""
+    """The same model and trainer on the union of the peers' data; the test metric after each round
+    (none when the peers' data are DataLoaders, or there is no test data)."""
     s = setup.scenario
+    union, test = setup.union(), setup.test_data()
+    if union is None or test is None:
+        return []
     model = copy.deepcopy(setup.init)
-    x, y = setup.tensors(np.concatenate(setup.shards))
-    trainer = LocalTrainer(model, x, y, s.train_config(), torch.Generator().manual_seed(s.seed))
-    test = setup.tensors(test=True)
+    trainer = LocalTrainer(model, *unpack(union), s.train_config(), torch.Generator().manual_seed(s.seed))
     curve = []
     for t in range(s.rounds):
         trainer.train_round(t)
-        curve.append(evaluate(model, *test)[0])
+        curve.append(evaluate(model, *unpack(test), loss=s.loss_fn, metric=s.metric)[0])
     return curve
 
 
@@ -166,14 +202,14 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     nbrs = neighbors(setup.adjacency)
     cast = attacks.Cast.of(s.attack, s.attack_params, attacks.choose_attackers(s.attackers, s.peers, s.seed),
                            [ident.peer_id for ident in setup.identities], nbrs, setup.W, s.aggregator,
-                           s.gossip_steps, setup.data.num_classes)
+                           s.gossip_steps, setup.num_classes)
     honest = set(cast.honest)
     log.write({"kind": "run", "round": -1, "name": s.name, "scenario": s.to_dict(), "honest": cast.honest,
                "byzantine": sorted(cast.byzantine), "attack": s.attack,
                "spectral_gap": gap, "peer_ids": [ident.peer_id for ident in setup.identities]})
 
     network = MemoryNetwork(wire=s.wire, latency_s=s.latency_ms / 1000, loss=s.loss, seed=s.seed)
-    test = setup.tensors(test=True)
+    test = setup.test_data()
     peers: list[Peer] = []
     config = PeerConfig(train=s.train_config(), algorithm=s.algorithm_or_default,
                         algorithm_params=s.algorithm_params, gossip_steps=s.gossip_steps, aggregator=s.aggregator,
@@ -181,7 +217,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
                         eval_every=s.eval_every)
     for i, ident in enumerate(setup.identities):
         weights = {setup.identities[j].peer_id: float(setup.W[i, j]) for j in nbrs[i]}
-        peers.append(cast.peer(i, copy.deepcopy(setup.init), setup.tensors(setup.shards[i]),
+        peers.append(cast.peer(i, copy.deepcopy(setup.init), setup.train_data(i),
                                transport=network.endpoint(ident), neighbors=weights,
                                config=config.replace(seed=s.seed * 100_003 + i),
                                test_data=test if i in honest else None, offload=False,
@@ -234,7 +270,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     final = watcher.rounds[-1] if watcher.rounds else {"distance": math.nan}
     summary = {
         "name": s.name, "peers": s.peers, "rounds": s.rounds, "seed": s.seed, "topology": s.topology,
-        "dataset": s.dataset, "partition": s.partition, "aggregator": s.aggregator,
+        "dataset": s.dataset, "partition": s.partition, "aggregator": s.aggregator, "metric": s.metric,
         "algorithm": s.algorithm_name, "gossip_steps": s.gossip_steps, **s.local_update(),
         "spectral_gap": gap,
         "honest_accuracy": {"mean": final.get("accuracy_mean"), "min": final.get("accuracy_min"),

@@ -238,7 +238,7 @@ def _finish(s: Scenario, out: Path, setup: Setup, fleet: Fleet, log: MetricsLog,
     summary = {
         "name": s.name, "engine": "procs", "peers": s.peers, "rounds": s.rounds, "seed": s.seed,
         "topology": s.topology, "dataset": s.dataset, "partition": s.partition, "aggregator": s.aggregator,
-        "algorithm": s.algorithm_name, "gossip_steps": s.gossip_steps, **s.local_update(),
+        "metric": s.metric, "algorithm": s.algorithm_name, "gossip_steps": s.gossip_steps, **s.local_update(),
         "spectral_gap": spectral_gap(setup.W),
         "honest_accuracy": honest,
         "centralized_accuracy": central[-1] if central else None,
