@@ -37,9 +37,9 @@ DATA = ("dirichlet:0.5", "classes:2")
 # rule -> scenario keys; every rule but dfedavg_full runs on the frozen backbone
 RULES: dict[str, dict[str, Any]] = {
     "bristle": {"algorithm": "bristle"},
-    # Bristle judging each head on the known classes where its recall is >= 0.5 (a stand-in for the
-    # class-overlap count the authors' peers exchange)
-    "bristle_overlap": {"algorithm": "bristle", "algorithm_params": {"overlap_recall": 0.5}},
+    # as the authors' code runs without the class-overlap exchange: test samples held out from the
+    # peer's own data, every known class judged for every head
+    "bristle_local": {"algorithm": "bristle", "algorithm_params": {"test_split": "local", "overlap_recall": None}},
     "mean": {"aggregator": "mean"},
     "median": {"aggregator": "median", "f": 3},
     "trimmed_mean": {"aggregator": "trimmed_mean", "f": 3},

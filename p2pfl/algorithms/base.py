@@ -61,6 +61,8 @@ class Context:
     neighbors: Mapping[str, float]
     seed: int = 0
     num_classes: int | None = None
+    # labelled samples every peer holds alike and none trains on (a backbone's public part), or None
+    reference_data: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,11 @@ the most recently received heads of other peers (`history`: at most one per peer
 most `history` of them; the oldest is dropped) top the candidates up to `n_exploit`. The `n_exploit`
 closest are kept, and `n_explore` of the rest are drawn at random (this peer's seeded generator).
 
-Integrator. The local test split is `test_per_class` samples of each class this peer holds (at most
-half of them, so it still trains on every class), drawn with the peer's seed and never trained on.
+Integrator. Its test samples are `test_per_class` of each class (at most half of a class's samples),
+drawn with the peer's seed from the backbone's public part when the driver hands it one
+(`Context.reference_data`: a built-in dataset; every class is then known, so a peer learns the
+classes it lacks from neighbours who test better on them), else held out from the peer's own data
+(`test_split = "local"`, the authors' choice, which leaves the classes a peer lacks "foreign").
 The backbone's features of that split are computed once; scoring a head is one matmul and an
 argmax. With r the per-class recall of a head on the split, for each known class c (present in the
 split) and candidate j, in peer-ID order:
@@ -71,12 +74,18 @@ class BristleParams:
     temperature: float = 100.0   # sigmoid(score / temperature)
     weight_scale: float = 10.0   # w = max(0, weight_scale sigmoid(.) - weight_offset) cert
     weight_offset: float = 4.0
-    # None: every known class is scored for every head (the authors' default for a peer whose class
-    # count is unknown). t: head j is scored on the known classes where its recall is >= t only, a
-    # stand-in for the class-overlap count the authors' peers exchange (PSI-CA; not implemented here)
-    overlap_recall: float | None = None
+    # t: head j is scored on the known classes where its recall is >= t only, a stand-in for the
+    # class-overlap count the authors' peers exchange (PSI-CA; not implemented here). None: every known
+    # class is scored for every head (the authors' default for a peer whose class count is unknown)
+    overlap_recall: float | None = 0.5
+    # where the integrator's test samples come from: "public" (the backbone's public part, every
+    # class, never a peer's own data), "local" (held out from the peer's own data, the authors'
+    # choice), or "auto" (public when the driver has it: a built-in dataset with a backbone)
+    test_split: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.test_split not in ("auto", "public", "local"):
+            raise ValueError(f"test_split must be auto, public or local, got {self.test_split!r}")
         for key in ("n_exploit", "test_per_class"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -177,11 +186,23 @@ class Bristle(Gossip):
                               "(it holds out a per-class test split)")
         x, y = ctx.train_data
         generator = torch.Generator().manual_seed(ctx.seed ^ 0xB415)
-        test = _test_split(y, params.test_per_class, generator)
-        train = torch.ones(len(y), dtype=torch.bool, device=y.device)
-        train[test.to(y.device)] = False
-        local = Context(**{**vars(ctx), "train_data": (x[train], y[train])})
-        super().__init__(local, params)
+        source = params.test_split
+        if source == "auto":
+            source = "public" if ctx.reference_data is not None else "local"
+        if source == "public":
+            if ctx.reference_data is None:
+                raise ConfigError("algorithm_params.test_split: 'public' needs the backbone's public part, which "
+                                  "only a built-in dataset has; use 'local'")
+            rx, ry = ctx.reference_data
+            test = _test_split(ry, params.test_per_class, generator)
+            test_x, test_y = rx[test.to(rx.device)].to(x.device), ry[test.to(ry.device)].to(y.device)
+            super().__init__(ctx, params)
+        else:
+            test = _test_split(y, params.test_per_class, generator)
+            train = torch.ones(len(y), dtype=torch.bool, device=y.device)
+            train[test.to(y.device)] = False
+            test_x, test_y = x[test.to(x.device)], y[test.to(y.device)]
+            super().__init__(Context(**{**vars(ctx), "train_data": (x[train], y[train])}), params)
         self.params: BristleParams = params
         self.num_classes, self.width = self.head.weight.shape
         self.explore_rng = torch.Generator().manual_seed(ctx.seed ^ 0xE4B1)
@@ -193,13 +214,13 @@ class Bristle(Gossip):
         try:
             ctx.model.train(False)
             with torch.no_grad():
-                ctx.model(x[test.to(x.device)])
+                ctx.model(test_x)
         finally:
             hook.remove()
             ctx.model.train(was_training)
-        features = captured[0].reshape(len(test), -1)
-        self.features = torch.cat([features, features.new_ones(len(test), 1)], 1)   # (n, D+1): bias column
-        self.labels = y[test.to(y.device)].to(features.device)
+        features = captured[0].reshape(len(test_y), -1)
+        self.features = torch.cat([features, features.new_ones(len(test_y), 1)], 1)   # (n, D+1): bias column
+        self.labels = test_y.to(features.device)
         self.known = torch.unique(self.labels)
 
     def _as_rows(self, v: Tensor) -> Tensor:

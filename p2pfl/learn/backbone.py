@@ -296,6 +296,16 @@ def peer_shards(y_train: np.ndarray, n_peers: int, spec: str, rng: np.random.Gen
     return [private[idx] for idx in partition(y_train[private], n_peers, spec, rng)]
 
 
+def public_data(x_train: np.ndarray, y_train: np.ndarray,
+                backbone: Backbone | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The backbone's public part of a training split as (x, y) tensors (copies): labelled samples every
+    peer holds alike and none trains on; Bristle's integrator scores heads on them. None without a backbone."""
+    if backbone is None:
+        return None
+    idx = backbone.public(len(y_train))
+    return torch.from_numpy(x_train[idx]), torch.from_numpy(y_train[idx])
+
+
 def pretrain(dataset: str, model_name: str, out: str | Path, *, hidden: tuple[int, ...] = (64,),
              public_fraction: float = 0.2, seed: int = 0, epochs: float = 50.0, lr: float = 0.1,
              batch_size: int = 32) -> tuple[Backbone, float]:

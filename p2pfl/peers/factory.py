@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from p2pfl.errors import ConfigError
@@ -22,12 +23,14 @@ def make_peer(model: nn.Module, train_data: Data, *, transport: Transport,
               test_data: Data | None = None, num_classes: int | None = None,
               attack: str = "none", attack_params: Mapping[str, Any] | None = None,
               knowledge: Knowledge | None = None, colluders: Iterable[str] = (), board: Board | None = None,
-              offload: bool = True, settle: Callable[[], Awaitable[None]] | None = None) -> Peer:
+              offload: bool = True, settle: Callable[[], Awaitable[None]] | None = None,
+              reference_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Peer:
     """`attack` "none": honest (an `ObservedPeer` posting to `board` when one is given). Otherwise an
     attacker: omniscient with `knowledge` (the in-process engine), else in its local view, sparing
     `colluders`."""
     common: dict[str, Any] = {"transport": transport, "neighbors": neighbors, "config": config,
-                              "num_classes": num_classes, "offload": offload, "settle": settle}
+                              "num_classes": num_classes, "offload": offload, "settle": settle,
+                              "reference_data": reference_data}
     if attack != "none":
         if not isinstance(train_data, tuple):
             raise ConfigError(f"attack: an attacker ({attack}) trains on (x, y) tensors, not a DataLoader")

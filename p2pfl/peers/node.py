@@ -134,8 +134,13 @@ class Node(Membership):
         i, n = s.shard_index()
         train, test, input_shape, num_classes = shard_data(s, i, n, self.device)
         model = build_model(s.model, input_shape, num_classes, hidden=s.hidden, seed=s.seed)
+        reference = None
         if s.backbone:
-            backbone.load(s.backbone).attach(model)   # only the head stays trainable, so only the head is gossiped
+            frozen = backbone.load(s.backbone)
+            frozen.attach(model)   # only the head stays trainable, so only the head is gossiped
+            if not is_import_string(s.dataset):   # the public part every peer holds alike
+                data = load_dataset(s.dataset, seed=s.seed)
+                reference = backbone.public_data(data.x_train, data.y_train, frozen)
         model = model.to(self.device)
         self.schema = ParamLayout.of(model).schema
         psk = s.network_psk()
@@ -157,7 +162,7 @@ class Node(Membership):
         self.byzantine = s.attack != "none"
         self.peer: Peer = make_peer(model, train, transport=self.transport, neighbors={}, config=config,
                                     test_data=test, num_classes=num_classes, attack=s.attack,
-                                    attack_params=s.attack_params, colluders=s.colluders)
+                                    attack_params=s.attack_params, colluders=s.colluders, reference_data=reference)
         self.peer.on_event = self._on_round
         self.resumed_from: int | None = None
         if s.resume:

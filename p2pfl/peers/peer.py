@@ -105,7 +105,8 @@ class Peer:
                  neighbors: Mapping[str, float | None], config: PeerConfig | None = None,
                  test_data: Any = None,
                  on_event: Callable[[Event], None] | None = None, offload: bool = True,
-                 num_classes: int | None = None, settle: Callable[[], Awaitable[None]] | None = None) -> None:
+                 num_classes: int | None = None, settle: Callable[[], Awaitable[None]] | None = None,
+                 reference_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """`neighbors` maps each neighbour's peer ID to its mixing weight W_ij (None: uniform 1/(deg+1)).
         `settle`: awaited when a step's deadline fires, before the step closes. Under a MockClock (the
         in-process simulator passes trio.testing.wait_all_tasks_blocked), frames due at the very instant
@@ -139,7 +140,7 @@ class Peer:
         self.weights = self._weights(neighbors)
         ctx = Context(peer_id=self.id, model=model, train_data=train_data, train=self.config.train,
                       gossip=self.config.gossip(), neighbors=self.weights, seed=self.config.seed,
-                      num_classes=num_classes)
+                      num_classes=num_classes, reference_data=reference_data)
         self.algorithm: Algorithm = (ExternalUpdate(ctx) if own_loop else
                                      algorithms.build(self.config.algorithm, ctx, self.config.algorithm_params))
         # what a neighbour's frame must carry; the transport refuses anything else before we see it

@@ -67,6 +67,7 @@ class Setup:
     num_classes: int | None = None
     user_train: list[Data] | None = None
     user_test: Data | None = None
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None   # the backbone's public part (Context.reference_data)
 
     @classmethod
     def build(cls, s: Scenario) -> Setup:
@@ -89,7 +90,8 @@ class Setup:
         if frozen is not None:
             frozen.attach(init)   # only the head stays trainable, so only the head is gossiped
         setup = cls(s, data, shards, adj, metropolis_hastings(adj), identities, init, num_classes,
-                    [u.train for u in user] if user else None, user[0].test if user else None)
+                    [u.train for u in user] if user else None, user[0].test if user else None,
+                    backbone.public_data(data.x_train, data.y_train, frozen) if data is not None else None)
         check_fit(init, setup.train_data(0), loss_function(s.loss_fn), "dataset")
         return setup
 
@@ -221,7 +223,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
                                transport=network.endpoint(ident), neighbors=weights,
                                config=config.replace(seed=s.seed * 100_003 + i),
                                test_data=test if i in honest else None, offload=False,
-                               settle=trio.testing.wait_all_tasks_blocked))
+                               settle=trio.testing.wait_all_tasks_blocked, reference_data=setup.reference))
     watcher = _RoundWatcher(peers, log, progress, honest)
     for p in peers:
         p.on_event = watcher

@@ -100,7 +100,7 @@ def test_an_equal_candidate_weighs_its_certainty_and_later_worse_ones_pay_the_se
 def test_with_overlap_recall_a_head_is_judged_on_the_classes_it_knows_and_teaches_the_foreign_ones():
     own, head = torch.zeros(3, 1), torch.ones(1, 3, 1)            # classes 0, 1 known; 2 foreign
     args = (own, head, torch.tensor([1.0, 1.0]), torch.tensor([[1.0, 0.0]]), torch.tensor([0, 1]))
-    new, w_known, w_foreign = integrate(*args, BristleParams())
+    new, w_known, w_foreign = integrate(*args, BristleParams(overlap_recall=None))
     assert w_known.sum() == 0 and w_foreign.item() == 0           # all classes judged: cert = 0.5 - 0.5
     assert torch.equal(new, own)
     new, w_known, w_foreign = integrate(*args, BristleParams(overlap_recall=0.5))
@@ -132,6 +132,22 @@ def test_bristle_gossips_the_head_only_and_refuses_a_model_without_a_frozen_back
     assert len(algo.labels) + len(algo.trainer.x) == 60 and set(algo.known.tolist()) == {0, 1, 2, 3}
     with pytest.raises(ConfigError, match="output layer only"):
         algorithms.build("bristle", _context(make_model("mlp", (6,), 4, hidden=(8,))))
+
+
+def test_with_public_samples_bristle_tests_on_them_trains_on_all_its_data_and_knows_every_class():
+    g = torch.Generator().manual_seed(7)
+    rx = torch.randn(200, 6, generator=g)
+    ry = (rx[:, 0] > 0).long() + 2 * (rx[:, 1] > 0).long()
+    local = _context(_head_only())
+    y = local.train_data[1]
+    local.train_data = (local.train_data[0][y < 2], y[y < 2])   # this peer holds classes 0 and 1 only
+    algo = algorithms.build("bristle", Context(**{**vars(local), "reference_data": (rx, ry)}))
+    assert len(algo.trainer.x) == len(y[y < 2])                  # nothing held out of its own data
+    assert set(algo.known.tolist()) == {0, 1, 2, 3} and len(algo.labels) == 40
+    held = algorithms.build("bristle", local)                     # no public part: the local split
+    assert set(held.known.tolist()) == {0, 1}
+    with pytest.raises(ConfigError, match="test_split: 'public' needs"):
+        algorithms.build("bristle", local, {"test_split": "public"})
 
 
 def test_bristle_weights_a_copy_of_its_head_and_zeroes_a_sign_flipped_one():
