@@ -113,13 +113,13 @@ def _shared_flags(command: Callable[..., None]) -> Callable[..., None]:
 
 # flags whose text is parsed into the key's value: tables as JSON objects, lists of ints as 64,32
 _FLAG_KINDS: dict[str, Any] = {"algorithm_params": Optional[str], "aggregator_params": Optional[str],
-                               "attack_params": Optional[str], "hidden": Optional[str],
+                               "attack_params": Optional[str], "reputation_params": Optional[str], "hidden": Optional[str],
                                "plugins": Optional[list[str]]}
 
 
 def _scalar_kind(annotation: Any) -> Any:
     text = str(annotation)
-    for name, kind in (("int", int), ("float", float), ("str", str)):
+    for name, kind in (("int", int), ("float", float), ("str", str), ("bool", bool)):
         if text.startswith(name):
             return Optional[kind]
     raise TypeError(f"no flag type for a key annotated {annotation!r}")
@@ -128,7 +128,7 @@ def _scalar_kind(annotation: Any) -> Any:
 def _shared_overrides(shared: dict[str, Any]) -> dict[str, Any]:
     """The shared flags as setting values (None: not given)."""
     out = dict(shared)
-    for key in ("algorithm_params", "aggregator_params", "attack_params"):
+    for key in ("algorithm_params", "aggregator_params", "attack_params", "reputation_params"):
         out[key] = _json_object_flag("--" + key.replace("_", "-"), shared.get(key))
     if shared.get("hidden") is not None:
         try:

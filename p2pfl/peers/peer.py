@@ -34,7 +34,7 @@ import trio
 from torch import nn
 
 from p2pfl import algorithms
-from p2pfl.algorithms import Algorithm, Context, GossipConfig
+from p2pfl.algorithms import Algorithm, Context, GossipConfig, reputation
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import payloads
 from p2pfl.gossip.codec import INT_DTYPES, Frame
@@ -69,6 +69,8 @@ class PeerConfig:
     # False where neighbours join and leave at run time (a real peer): the caller checks the rule once
     # against the planned degree, and a step with too few inputs keeps the own vector
     check_degree: bool = True
+    # RFFL reputation around the algorithm (p2pfl.algorithms.reputation): its parameters; None: off
+    reputation: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.gossip_steps < 1:
@@ -82,6 +84,8 @@ class PeerConfig:
         if self.f < 0:
             raise ConfigError(f"f: must be >= 0, got {self.f}")
         algorithms.params(self.algorithm, self.algorithm_params)
+        if self.reputation is not None:
+            reputation.params(self.reputation)
 
     def gossip(self) -> GossipConfig:
         return GossipConfig(self.aggregator, self.aggregator_params, self.f, self.max_abs_weight)
@@ -118,6 +122,8 @@ class Peer:
                       gossip=self.config.gossip(), neighbors=self.weights, seed=self.config.seed,
                       num_classes=num_classes)
         self.algorithm: Algorithm = algorithms.build(self.config.algorithm, ctx, self.config.algorithm_params)
+        if self.config.reputation is not None and self.wraps_reputation:
+            self.algorithm = reputation.Reputation(self.algorithm, reputation.params(self.config.reputation))
         # what a neighbour's frame must carry; the transport refuses anything else before we see it
         self.payloads = dict(self.algorithm.payloads())
         transport.expect(self.payloads)
@@ -126,6 +132,10 @@ class Peer:
         self.round = 0                            # next round to run
         self._step_done = trio.Event()
         self._nursery: trio.Nursery | None = None
+        # awaited before each round (the in-process engine's rewiring barrier); None: start at once
+        self.before_round: Callable[[Peer, int], Awaitable[None]] | None = None
+
+    wraps_reputation = True   # an attacker's algorithm is its own (AttackerPeer)
 
     def _weights(self, neighbors: Mapping[str, float | None]) -> dict[str, float]:
         if self.id in neighbors:
@@ -206,6 +216,8 @@ class Peer:
             # Yield around training: with many inline peers on one loop, all peers' training then
             # runs back to back rather than interleaved with aggregation and sends, which keeps
             # torch's code and data in cache (about 25% faster per round at 256 peers).
+            if self.before_round is not None:
+                await self.before_round(self, t)
             await trio.lowlevel.checkpoint()
             stats = await self._compute(self.algorithm.local_update, t)
             await trio.lowlevel.checkpoint()
@@ -220,6 +232,9 @@ class Peer:
                             "neighbor_distance": step_events[0].get("neighbor_distance"),
                             "bytes_sent": self.transport.stats.bytes_sent}
             event.update(self.round_info(t))
+            advice = self.algorithm.advice()
+            if advice.scores or advice.drop:
+                event.update(reputation=dict(advice.scores), removed=sorted(advice.drop))
             if self.test_data is not None and (t % self.config.eval_every == 0 or t == last):
                 acc, loss = await self._compute(evaluate, self.model, *self.test_data)
                 event.update(accuracy=acc, test_loss=loss)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ import torch
 import trio
 import trio.testing
 
+from p2pfl.algorithms import reputation
 from p2pfl.files import MetricsLog, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.topology import build_topology, metropolis_hastings, neighbors, spectral_gap
@@ -40,6 +42,7 @@ from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.sim import cast as attacks
 from p2pfl.sim.results import accuracy_table, consensus_distance, plot_accuracy, plot_consensus, read_events
+from p2pfl.sim.rewire import Rewirer
 from p2pfl.sim.scenario import Scenario
 
 Progress = Callable[[int, dict[str, Any]], None]
@@ -100,6 +103,7 @@ class _RoundWatcher:
         self.pending: dict[int, dict[int, tuple[torch.Tensor, dict[str, Any]]]] = {}
         self.rounds: list[dict[str, Any]] = []
         self.last_accuracy: dict[int, float] = {}
+        self.on_close: Callable[[int], None] | None = None   # after a round is summarised (rewiring)
 
     def __call__(self, event: dict[str, Any]) -> None:
         i = self.index[event["peer"]]
@@ -124,8 +128,15 @@ class _RoundWatcher:
         self.log.write(summary)
         self.log.flush()
         self.rounds.append(summary)
+        if self.on_close is not None:
+            self.on_close(t)
         if self.progress:
             self.progress(t, summary)
+
+
+def _rewire(rewirer: Rewirer, log: MetricsLog, t: int) -> None:
+    for change in rewirer.round_closed(t):
+        log.write({"kind": "rewire", **change})
 
 
 def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = None) -> dict[str, Any]:
@@ -153,7 +164,9 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     config = PeerConfig(train=s.train_config(), algorithm=s.algorithm_or_default,
                         algorithm_params=s.algorithm_params, gossip_steps=s.gossip_steps, aggregator=s.aggregator,
                         aggregator_params=s.aggregator_params, f=s.f, step_timeout_s=s.step_timeout_s,
-                        eval_every=s.eval_every)
+                        eval_every=s.eval_every, reputation=s.reputation_settings(),
+                        # rewiring changes degrees: a rule with too few inputs keeps the own vector
+                        check_degree=not s.reputation)
     for i, ident in enumerate(setup.identities):
         weights = {setup.identities[j].peer_id: float(setup.W[i, j]) for j in nbrs[i]}
         peers.append(cast.peer(i, copy.deepcopy(setup.init), setup.tensors(setup.shards[i]),
@@ -164,6 +177,15 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     watcher = _RoundWatcher(peers, log, progress, honest)
     for p in peers:
         p.on_event = watcher
+    rewirer = None
+    if s.reputation:
+        rewirer = Rewirer(peers, setup.adjacency, s.seed, reputation.params(s.reputation_params).min_degree,
+                          cast.knowledge, s.aggregator)
+        if cast.knowledge is not None:
+            cast.knowledge.board.wanted = None   # new neighbourhoods: every honest vector may be needed
+        watcher.on_close = functools.partial(_rewire, rewirer, log)
+        for p in peers:
+            p.before_round = rewirer.before_round
 
     async def main() -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -217,5 +239,9 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
         "byzantine": sorted(cast.byzantine),
         "byzantine_neighbors": attacks.byzantine_neighbors(nbrs, cast.byzantine),
     }
+    if rewirer is not None:
+        summary.update(reputation=s.reputation_settings(), overlay_initial=nbrs, overlay_final=rewirer.neighbors(),
+                       byzantine_neighbors_final=attacks.byzantine_neighbors(rewirer.neighbors(), cast.byzantine),
+                       rewire_changes=len(rewirer.history))
     write_json(out / "summary.json", summary)
     return summary
