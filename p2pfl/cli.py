@@ -219,7 +219,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder written by `p2
         t.add_row(str(rnd + 1), f"{tab['mean'][k]:.3f}", f"{tab['min'][k]:.3f}", f"{tab['max'][k]:.3f}",
                   f"{tab['centralized'][k]:.3f}", f"{tab['consensus_distance'][k]:.3g}")
     console.print(t)
-    console.print(f"wrote {run_dir}/accuracy.png, consensus.png", highlight=False)
+    console.print(f"wrote {run_dir}/" + ", ".join(r["figures"]), highlight=False)
 
 
 @app.command()

@@ -4,14 +4,23 @@ gossips one float vector (the gossip family; a plugin's, if it sends its vector 
 Theory of operation: each peer i keeps a reputation r_ij for each current neighbour j. Round t, at
 the first gossip step, for every neighbour j that sent its vector x_j:
 
-    g_j   = clip(x_j - x_i(t-1), Gamma)     x_i(t-1): i's vector when round t began (last aggregate)
-    g_agg = sum_j r_ij g_j + r_self g_i     reputation-weighted, i's own clipped update g_i weighted
-            ---------------------------     as its most reputable neighbour (r_self = max_j r_ij);
-               sum_j r_ij + r_self          round 0: uniform. With a robust rule other than mixing,
-                                            g_agg is that rule over (g_i; g_j of reputable j).
+    g_j   = clip(x_j - s_j, Gamma)          s_j: what j sent the round before (its own change, whatever
+                                            the models' disagreement); a first-time sender: x_i(t-1),
+                                            i's vector when round t began. g_i likewise for i itself.
+    g_agg = g_i / 2 + sum_j r_ij g_j / (2 sum_j r_ij)
+                                            reputation-weighted (round 0: uniform), i's own update half
+                                            of it: a peer with a Byzantine majority still measures
+                                            against what it knows is honest
     phi_j = cos(g_j, g_agg)
     r_ij <- max(0, alpha r_ij + (1 - alpha) phi_j);   r_i. <- r_i. / sum_j r_ij
     j with r_ij < beta / deg is removed (deg: reputable neighbours at the check); r_i. renormalised.
+
+Gamma (None: the median norm of the round's updates, own included) is scale-free by default. What
+the inner algorithm aggregates is, as in RFFL, the clipped update: x_i(t-1) + clip(x_j - x_i(t-1)),
+only from neighbours not removed and with phi_j >= 0 this round; any robust rule of the inner
+algorithm (`aggregator`) then applies to those. These are our choices for a serverless setting
+where each peer holds its own model (RFFL scores gradients from one global model; scoring x_j -
+x_i(t-1) instead let sign-flipped models look like shrinking updates and score well).
 
 A removed neighbour's frames are no longer aggregated (the inner algorithm never sees them); it is in
 `advice().drop` for `removal_rounds` rounds (None: the rest of the run) and the driver unlinks it and
@@ -45,7 +54,6 @@ from p2pfl import config
 from p2pfl.algorithms.base import Advice, Algorithm, Received, Tensor
 from p2pfl.errors import ConfigError
 from p2pfl.gossip.payloads import PayloadSpec
-from p2pfl.robust import RULES
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,10 @@ def _normalised(r: Mapping[str, float]) -> dict[str, float]:
     return {j: v / total for j, v in r.items()}
 
 
+def _median_norm(vectors: list[Tensor]) -> float:
+    return float(torch.stack([torch.linalg.vector_norm(v) for v in vectors]).median())
+
+
 def top_fraction(update_: Tensor, q: float) -> Tensor:
     """The update with all but its ceil(q d) largest-magnitude coordinates zeroed (q >= 1: unchanged)."""
     if q >= 1:
@@ -147,6 +159,7 @@ class Reputation(Algorithm):
         self.first = True                   # round 0 (of this run): uniform weights
         self.opposed: set[str] = set()      # this round: phi < 0, left out of the aggregate
         self.clipped: dict[str, Tensor] = {}  # this round's clipped updates g_j
+        self.last_sent: dict[str, Tensor] = {}  # each neighbour's (and our own) vector of the last round
 
     # the inner algorithm's parts, for the driver's checkpoints and measurements
     @property
@@ -194,25 +207,24 @@ class Reputation(Algorithm):
         self.clipped = {}
         if not got:
             return {}
-        raw = {j: v.to(self.x_prev.device) - self.x_prev for j, v in got.items()}
-        own = self.inner.vector() - self.x_prev
-        gamma = self.p.gamma
-        if gamma is None:
-            gamma = float(torch.stack([torch.linalg.vector_norm(v) for v in (own, *raw.values())]).median())
-        g = self.clipped = {j: clip(v, gamma) for j, v in raw.items()}
+        got = {j: v.to(self.x_prev.device) for j, v in got.items()}
+        raw = {j: v - self.x_prev for j, v in got.items()}
+        own_x = self.inner.vector()
+        gamma = self.p.gamma if self.p.gamma is not None else _median_norm([own_x - self.x_prev, *raw.values()])
+        self.clipped = {j: clip(v, gamma) for j, v in raw.items()}   # what is aggregated
+        # what is scored: each one's change since what it sent last round (its own update, whatever the
+        # models' disagreement); a first-time sender's change from our x_i(t-1)
+        change = {j: v - self.last_sent.get(j, self.x_prev) for j, v in got.items()}
+        own = own_x - self.last_sent.get(self.ctx.peer_id, self.x_prev)
+        self.last_sent = {**{j: v.clone() for j, v in got.items()}, self.ctx.peer_id: own_x.clone()}
+        gamma = self.p.gamma if self.p.gamma is not None else _median_norm([own, *change.values()])
+        g = {j: clip(v, gamma) for j, v in change.items()}
         own = clip(own, gamma)
         weights = {j: 1.0 for j in g} if self.first else {j: self.r[j] for j in g}
-        cfg = self.ctx.gossip
-        if cfg.aggregator == "mixing" or len(g) < 2:
-            total = 2 * sum(weights.values())   # own update: half the reference
-            g_agg = own * 0.5
-            for j, v in g.items():
-                g_agg = g_agg + v * (weights[j] / total)
-        else:
-            try:
-                g_agg = RULES[cfg.aggregator](own, torch.stack(list(g.values())), f=cfg.f, **cfg.aggregator_params)
-            except ConfigError:   # too few inputs for the rule this round: the weighted mean
-                g_agg = torch.stack([own, *g.values()]).mean(0)
+        total = 2 * sum(weights.values())   # own update: half the reference
+        g_agg = own * 0.5
+        for j, v in g.items():
+            g_agg = g_agg + v * (weights[j] / total)
         phi = {j: cosine(v, g_agg) for j, v in g.items()}
         self.first = False
         self.r, removed = update(self.r, phi, self.p.alpha, self.p.beta)

@@ -41,6 +41,7 @@ from p2pfl.learn.train import LocalTrainer, evaluate
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.sim import cast as attacks
+from p2pfl.sim.reputation_plots import write_figures
 from p2pfl.sim.results import accuracy_table, consensus_distance, plot_accuracy, plot_consensus, read_events
 from p2pfl.sim.rewire import Rewirer
 from p2pfl.sim.scenario import Scenario
@@ -156,7 +157,8 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     honest = set(cast.honest)
     log.write({"kind": "run", "round": -1, "name": s.name, "scenario": s.to_dict(), "honest": cast.honest,
                "byzantine": sorted(cast.byzantine), "attack": s.attack,
-               "spectral_gap": gap, "peer_ids": [ident.peer_id for ident in setup.identities]})
+               "spectral_gap": gap, "peer_ids": [ident.peer_id for ident in setup.identities],
+               **({"overlay": nbrs} if s.reputation else {})})
 
     network = MemoryNetwork(wire=s.wire, latency_s=s.latency_ms / 1000, loss=s.loss, seed=s.seed)
     test = setup.tensors(test=True)
@@ -219,6 +221,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     plot_accuracy(table, out / "accuracy.png", s.name if not cast.byzantine else
                   f"{s.name}: honest peers ({len(cast.byzantine)} {s.attack} attackers)")
     plot_consensus(events, out / "consensus.png", s.name)
+    write_figures(events, out)
     rejected = dict(sum((Counter(peers[i].rejections()) for i in sorted(honest)), Counter[str]()))
     final = watcher.rounds[-1]
     summary = {

@@ -138,5 +138,8 @@ def report(run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{run_dir}: metrics.jsonl has no evaluated rounds yet")
     plot_accuracy(table, run_dir / "accuracy.png", start.get("name", ""))
     plot_consensus(events, run_dir / "consensus.png", start.get("name", ""))
+    from p2pfl.sim.reputation_plots import write_figures  # it imports this module
+
+    figures = ["accuracy.png", "consensus.png", *write_figures(events, run_dir)]
     return {"rounds": len(table["rounds"]), "final": {k: table[k][-1] for k in ("mean", "min", "max")},
-            "centralized": table["centralized"][-1], "table": table}
+            "centralized": table["centralized"][-1], "table": table, "figures": figures}

@@ -10,11 +10,12 @@ deterministic overlay change and releases them. The change, in peer-index order:
    and the honest models would no longer average). The minimum degree protects i: if unlinking j
    would leave i with fewer than `min_degree` neighbours and no replacement can be linked, the edge
    stays (i's reputation wrapper still ignores j's frames) and is retried next round.
-2. Replacement. Each peer below its initial degree asks, in a seeded random order, among the peers
-   it knows (the neighbours of its neighbours) for links: a candidate accepts if it is below its own
-   initial degree and neither side lists the other in its `drop` (a removal lasts `removal_rounds`).
-   Everyone runs this protocol, attackers too: a removed attacker keeps looking for new victims,
-   which then have to find it out themselves, starting it at the mean reputation.
+2. Replacement. A peer that removed neighbours asks, in a seeded random order, among the peers it
+   knows (the neighbours of its neighbours) for as many links as it removed: a candidate accepts if
+   it is below its own initial degree and neither side lists the other in its `drop` (a removal
+   lasts `removal_rounds`). A peer that was removed does not look for new links, except up to
+   `min_degree` (so that no peer is cut off): a removed attacker can reach at most that many new
+   victims at a time, each of which then finds it out itself, starting it at the mean reputation.
 3. Weights. W is recomputed by Metropolis-Hastings on the new overlay and every peer whose row
    changed gets `set_neighbors`; an omniscient attacker's knowledge of the graph is updated too.
 
@@ -46,7 +47,7 @@ class Rewirer:
         self.index = {p.id: i for i, p in enumerate(peers)}
         self.released: dict[int, trio.Event] = {}
         self.history: list[dict[str, Any]] = []   # {"round", "change": "unlink"|"link", "peer", "other"}
-        self.initial = self.adj.copy()
+        self.slots = np.zeros(len(peers), dtype=int)   # links each peer removed and may replace
 
     def _event(self, t: int) -> trio.Event:
         return self.released.setdefault(t, trio.Event())
@@ -70,10 +71,12 @@ class Rewirer:
                 if self.adj[i].sum() - 1 < self.min_degree and not self._link_one(i, drops, t, changes, avoid=j):
                     continue   # would isolate i: keep the edge until a replacement links
                 self.adj[i, j] = self.adj[j, i] = False
+                self.slots[i] += 1
                 changes.append({"round": t, "change": "unlink", "peer": i, "other": j})
-        for i in range(n):
-            while self.adj[i].sum() < self.target[i] and self._link_one(i, drops, t, changes):
-                pass
+        for i in range(n):   # the removers refill their slots; anyone refills up to the minimum degree
+            while ((self.slots[i] > 0 and self.adj[i].sum() < self.target[i]) or self.adj[i].sum() < self.min_degree) \
+                    and self._link_one(i, drops, t, changes):
+                self.slots[i] = max(0, self.slots[i] - 1)
         if changes:
             self._apply(before)
         self.history.extend(changes)
