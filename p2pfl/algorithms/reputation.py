@@ -15,7 +15,8 @@ the first gossip step, for every neighbour j that sent its vector x_j:
     r_ij <- max(0, alpha r_ij + (1 - alpha) phi_j);   r_i. <- r_i. / sum_j r_ij
     j with r_ij < beta / deg is removed (deg: reputable neighbours at the check); r_i. renormalised.
 
-Gamma (None: the median norm of the round's updates, own included) is scale-free by default. What
+Gamma (None: scale-free, the norm of i's own change for the scores and the median norm of the
+round's updates for what is aggregated) is scale-free by default. What
 the inner algorithm aggregates is, as in RFFL, the clipped update: x_i(t-1) + clip(x_j - x_i(t-1)),
 only from neighbours not removed and with phi_j >= 0 this round; any robust rule of the inner
 algorithm (`aggregator`) then applies to those. These are our choices for a serverless setting
@@ -217,7 +218,10 @@ class Reputation(Algorithm):
         change = {j: v - self.last_sent.get(j, self.x_prev) for j, v in got.items()}
         own = own_x - self.last_sent.get(self.ctx.peer_id, self.x_prev)
         self.last_sent = {**{j: v.clone() for j, v in got.items()}, self.ctx.peer_id: own_x.clone()}
-        gamma = self.p.gamma if self.p.gamma is not None else _median_norm([own, *change.values()])
+        # scored at most as long as our own change: however many large vectors arrive, own counts fully
+        own_norm = float(torch.linalg.vector_norm(own))
+        gamma = self.p.gamma if self.p.gamma is not None else own_norm if own_norm > 0 else \
+            _median_norm([own, *change.values()])
         g = {j: clip(v, gamma) for j, v in change.items()}
         own = clip(own, gamma)
         weights = {j: 1.0 for j in g} if self.first else {j: self.r[j] for j in g}

@@ -50,7 +50,7 @@ def reputation_matrix(events: list[dict[str, Any]]) -> tuple[list[tuple[int, int
     for row, ij in enumerate(pairs):
         for t, v in cells[ij].items():
             values[row, t] = v
-    first = {}
+    first: dict[tuple[int, int], int] = {}
     for i, j, t in sorted(removals):
         first.setdefault((i, j), t)
     marks = [(row, first[ij]) for row, ij in enumerate(pairs) if ij in first]

@@ -11,7 +11,10 @@ deterministic overlay change and releases them. The change, in peer-index order:
    would leave i with fewer than `min_degree` neighbours and no replacement can be linked, the edge
    stays (i's reputation wrapper still ignores j's frames) and is retried next round.
 2. Replacement. A peer that removed neighbours asks, in a seeded random order, among the peers it
-   knows (the neighbours of its neighbours) for as many links as it removed: a candidate accepts if
+   knows for as many links as it removed. It knows the neighbours of its neighbours, as peer
+   exchange passes them on, but only from neighbours at or above half its mean reputation, each
+   passing on only its own neighbours at or above half their mean (an attacker passes on whom it likes). The
+   introduction must go both ways (c must know i the same way): a candidate accepts if
    it is below its own initial degree and neither side lists the other in its `drop` (a removal
    lasts `removal_rounds`). A peer that was removed does not look for new links, except up to
    `min_degree` (so that no peer is cut off): a removed attacker can reach at most that many new
@@ -47,6 +50,7 @@ class Rewirer:
         self.index = {p.id: i for i, p in enumerate(peers)}
         self.released: dict[int, trio.Event] = {}
         self.history: list[dict[str, Any]] = []   # {"round", "change": "unlink"|"link", "peer", "other"}
+        self.scores: list[dict[int, float]] = [{} for _ in peers]   # at the barrier: r_ij by index
         self.slots = np.zeros(len(peers), dtype=int)   # links each peer removed and may replace
 
     def _event(self, t: int) -> trio.Event:
@@ -63,6 +67,8 @@ class Rewirer:
     def round_closed(self, t: int) -> list[dict[str, Any]]:
         """Apply the overlay change after round t (every peer is waiting) and release round t+1."""
         drops = [self._drops(i) for i in range(len(self.peers))]
+        self.scores = [{self.index[p]: r for p, r in peer.algorithm.advice().scores.items() if p in self.index}
+                       for peer in self.peers]
         before = self.adj.copy()
         changes: list[dict[str, Any]] = []
         n = len(self.peers)
@@ -85,15 +91,27 @@ class Rewirer:
 
     def _link_one(self, i: int, drops: list[set[int]], t: int, changes: list[dict[str, Any]],
                   avoid: int | None = None) -> bool:
-        known = np.flatnonzero(self.adj[self.adj[i]].any(0))   # neighbours of neighbours
+        known = self._vouched(i)
         ok = [int(c) for c in known if c != i and c != avoid and not self.adj[i, c] and
-              c not in drops[i] and i not in drops[c] and self.adj[c].sum() < self.target[c]]
+              c not in drops[i] and i not in drops[c] and self.adj[c].sum() < self.target[c]
+              and i in self._vouched(c)]
         if not ok:
             return False
         c = int(self.rng.choice(ok))
         self.adj[i, c] = self.adj[c, i] = True
         changes.append({"round": t, "change": "link", "peer": i, "other": c})
         return True
+
+    def _reputable(self, k: int) -> list[int]:
+        """k's neighbours at or above half its mean reputation (all of them when k keeps no reputations)."""
+        nb = [int(c) for c in np.flatnonzero(self.adj[k])]
+        r = self.scores[k]
+        return [c for c in nb if r.get(c, 0.0) * len(r) >= 0.5] if r else nb
+
+    def _vouched(self, i: int) -> set[int]:
+        """The peers i learns of by peer exchange from its reputable neighbours, each passing on only
+        its own reputable neighbours: an attacker known to honest peers is rarely introduced."""
+        return {c for k in self._reputable(i) for c in self._reputable(k)}
 
     def _apply(self, before: np.ndarray) -> None:
         old_w = metropolis_hastings(before)
