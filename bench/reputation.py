@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, help="also write the JSON lines to this file")
+    ap.add_argument("--md", type=Path, help="write a markdown table and reputation-curves.png beside it")
     args = ap.parse_args()
     if args.quick:
         args.attacks, args.rules, args.fractions, args.data, args.rounds = \
@@ -96,14 +97,60 @@ def main() -> None:
             for a in args.attacks for d in ("none", "rffl")]
     jobs += [("rffl", r, "iid", "none", 0.0, args.rounds) for r in args.rules]
     sink = open(args.out, "w") if args.out else None
+    cells = []
     with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
         for cell in pool.map(run_cell, *zip(*jobs)):
+            cells.append(cell)
             line = json.dumps(cell)
             print(line, flush=True)
             if sink:
                 sink.write(line + "\n")
     if sink:
         sink.close()
+    if args.md:
+        write_md(cells, args.md, " ".join(sys.argv[1:]))
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def write_md(cells: list[dict[str, Any]], path: Path, argv: str) -> None:
+    """The table (one row per attack: rule alone vs rule + reputation) and the accuracy curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ["| data | rule | attack | fraction | none: mean (worst) | rffl: mean (worst) | removal rounds median / max "
+            "| honest removed | most Byzantine neighbours at the end (none / rffl) |", "|---" * 9 + "|"]
+    by = {(c["defense"], c["rule"], c["data"], c["attack"], c["fraction"]): c for c in cells}
+    for (d, rule, data, attack, fr), c in sorted(by.items(), key=lambda kv: kv[0][1:]):
+        if d != "rffl":
+            continue
+        n = by.get(("none", rule, data, attack, fr))
+        rows.append(f"| {data} | {rule} | {attack} | {fr:g} | "
+                    + (f"{_f(n['honest_accuracy_mean'])} ({_f(n['honest_accuracy_min'], 2)})" if n else "-")
+                    + f" | {_f(c['honest_accuracy_mean'])} ({_f(c['honest_accuracy_min'], 2)}) | "
+                    f"{_f(c['removal_rounds_median'])} / {_f(c['removal_rounds_max'])} | {c['honest_removed']} | "
+                    f"{n['max_byzantine_neighbors_final'] if n else '-'} / {c['max_byzantine_neighbors_final']} |")
+    attacks = sorted({c["attack"] for c in cells if c["fraction"] > 0})
+    fig, axes = plt.subplots(1, max(1, len(attacks)), figsize=(3.2 * max(1, len(attacks)), 3.2), dpi=100,
+                             sharey=True, squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        for c in cells:
+            if c["attack"] == attack and c["fraction"] > 0:
+                pts = [(t + 1, a) for t, a in enumerate(c["accuracy_per_round"]) if a is not None]
+                ax.plot(*zip(*pts), marker=".", label=c["defense"])
+        ax.set_title(attack)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("honest mean accuracy")
+    axes[0][0].legend()
+    fig.tight_layout()
+    png = path.with_name("reputation-curves.png")
+    fig.savefig(png)
+    path.write_text(f"<!-- python bench/reputation.py {argv} -->\n" + "\n".join(rows) + "\n\n"
+                    f"![accuracy per round]({png.name})\n")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ class Membership:
         self._throttle = LogThrottle(log)
         rep = self.s.reputation_settings()
         self.removal_rounds: int | None = rep["removal_rounds"] if rep else None
+        self.min_degree: int = rep["min_degree"] if rep else 0
         self.advised: set[str] = set()   # neighbours set aside on the algorithm's advice, still advised
         self.transport.on_hello = self._on_hello
         self.transport.on_control = self._on_control
@@ -121,10 +122,13 @@ class Membership:
         self.suspicion.release(self.peer.round)   # back on probation: one more missed round sets it aside again
         drop = self.peer.algorithm.advice().drop
         self.advised &= drop   # a removal whose time is up is no longer advised
-        for p in drop - self.benched.keys() - self.advised:
+        for p in sorted(drop - self.benched.keys() - self.advised):
             # the algorithm's advice (e.g. a reputation below its threshold): set aside for removal_rounds
             # (default: the run), as a silent neighbour would be; its link slot frees and another
-            # neighbour can take it; the removed peer is told, so that it unlinks too
+            # neighbour can take it; the removed peer is told, so that it unlinks too. Never below
+            # min_degree links: until a replacement links, it stays (the algorithm ignores its frames)
+            if len(self._active() - {p}) < self.min_degree:
+                continue
             self.advised.add(p)
             self.benched[p] = DROPPED if self.removal_rounds is None else self.peer.round + self.removal_rounds
             log.info("neighbour %s dropped on the algorithm's advice", p)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2pfl.sim import engine
+from p2pfl.sim import engine, results
 from p2pfl.sim import scenario as scenarios
+from p2pfl.sim.reputation_plots import overlays, reputation_matrix
 
 ATTACKER = 3
 
@@ -55,6 +56,16 @@ def test_attacker_removed_honest_kept_overlay_connected(tmp_path: Path, attack: 
     assert all(len(final[i]) <= 4 for i in range(10)) and any(c["change"] == "link" for c in changes)
     assert summary["byzantine_neighbors_final"]["max"] == 0
     assert summary["honest_accuracy"]["min"] > 0.7
+    # the report's figures: one heatmap row per (peer, neighbour) pair, a removal mark for each victim
+    out = tmp_path / f"{attack}-0"
+    assert set(results.report(out)["figures"]) >= {"reputation.png", "overlay.png"}
+    events = results.read_events(out)
+    pairs, values, marks = reputation_matrix(events)
+    assert {(i, ATTACKER) for i in victims} <= set(pairs)
+    assert {pairs[row] for row, _ in marks} == {(i, ATTACKER) for i in victims}
+    assert values.shape == (len(pairs), 6) and np.nanmax(values) > 1
+    initial, final_graph = overlays(events)
+    assert final_graph == final and initial == summary["overlay_initial"]
 
 
 def test_rewiring_is_deterministic_under_the_seed(tmp_path: Path) -> None:
