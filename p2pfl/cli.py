@@ -198,7 +198,8 @@ def sim(
         _fail(str(e))
     console.print(_results_table(summary))
     console.print(_run_facts(summary), highlight=False)
-    plots = "accuracy.png" + (", consensus.png" if s.engine != "procs" else "; one folder per peer")
+    plots = "accuracy.png" + (", consensus.png" if s.engine != "procs" else "; one folder per peer") \
+        + (", reputation.png, overlay.png" if s.reputation and s.engine != "procs" else "")
     console.print(f"wrote {out_dir}/metrics.jsonl, summary.json, {plots}", highlight=False)
 
 

@@ -100,3 +100,20 @@ def test_a_resumed_peer_keeps_its_reputations_and_removals(tmp_path: Path) -> No
     assert resumed.resumed_from == 2
     assert resumed.peer.algorithm.advice() == alg.advice()
     assert resumed.peer.algorithm.advice().drop == {bad}
+
+
+def test_a_removed_neighbours_slot_goes_to_another_known_peer(tmp_path: Path) -> None:
+    """With --degree (no fixed set), the slot a removal frees is offered to a peer known by peer
+    exchange, never to the removed one."""
+    node = make_node(tmp_path, degree=2, reputation_params={"min_degree": 1})
+    bad, a, spare = ident(1).peer_id, ident(2).peer_id, ident(3).peer_id
+    accepted(node, bad, a)
+    node.transport.peers[spare] = node.transport.hello_template   # known, not linked
+    assert node._candidates() == [spare]
+    node.peer.algorithm.removed[bad] = 2**62   # type: ignore[attr-defined]
+    node._apply_neighbors()
+    assert bad in node.benched and node._missing()       # a slot is free: the refresh asks for links
+    assert node._candidates() == [spare]
+    assert trio.run(node._on_control, spare, {"t": "link"})["ok"]
+    node._apply_neighbors()
+    assert set(node.peer.tracker.neighbors) == {a, spare}
