@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from p2pfl.algorithms.reputation import Reputation
 from p2pfl.files import save_identity
@@ -17,9 +18,18 @@ from p2pfl.peers.membership import DROPPED
 from p2pfl.peers.metrics import PeerMetrics, Snapshot
 from p2pfl.peers.node import Node
 from p2pfl.peers.settings import PeerSettings
-from tests.peers.test_metrics import PEER, samples, value
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+PEER = "12D3KooWtest"
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text.decode()) for s in fam.samples}
+
+
+def value(got: dict, name: str, **labels: str) -> float:
+    return got[(name, tuple(sorted({"peer": PEER, **labels}.items())))]
 
 
 def ident(i: int) -> Identity:
