@@ -179,13 +179,13 @@ def _readable_list_option(p: inspect.Parameter) -> inspect.Parameter:
 
 # flags whose text is parsed into the key's value: tables as JSON objects, lists of ints as 64,32
 _FLAG_KINDS: dict[str, Any] = {"algorithm_params": Optional[str], "aggregator_params": Optional[str],
-                               "attack_params": Optional[str], "hidden": Optional[str],
+                               "attack_params": Optional[str], "reputation_params": Optional[str], "hidden": Optional[str],
                                "plugins": Optional[list[str]]}
 
 
 def _scalar_kind(annotation: Any) -> Any:
     text = str(annotation)
-    for name, kind in (("int", int), ("float", float), ("str", str)):
+    for name, kind in (("int", int), ("float", float), ("str", str), ("bool", bool)):
         if text.startswith(name):
             return Optional[kind]
     raise TypeError(f"no flag type for a key annotated {annotation!r}")
@@ -194,7 +194,7 @@ def _scalar_kind(annotation: Any) -> Any:
 def _shared_overrides(shared: dict[str, Any]) -> dict[str, Any]:
     """The shared flags as setting values (None: not given)."""
     out = dict(shared)
-    for key in ("algorithm_params", "aggregator_params", "attack_params"):
+    for key in ("algorithm_params", "aggregator_params", "attack_params", "reputation_params"):
         out[key] = _json_object_flag("--" + key.replace("_", "-"), shared.get(key))
     if shared.get("hidden") is not None:
         try:
@@ -288,7 +288,7 @@ def sim(
     console.print(_results_table(summary))
     for line in _run_facts(summary):
         console.print(line, highlight=False, soft_wrap=True)
-    plots = ", ".join(n for n in ("accuracy.png", "consensus.png") if (out_dir / n).exists())
+    plots = ", ".join(n for n in ("accuracy.png", "consensus.png", "reputation.png", "overlay.png") if (out_dir / n).exists())
     console.print(f"wrote {out_dir}/", highlight=False, soft_wrap=True)
     console.print(f"  metrics.jsonl, summary.json, {plots}" + ("; one folder per peer" if s.engine == "procs" else ""),
                   highlight=False)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pfl import algorithms
+from p2pfl.algorithms import reputation
 from p2pfl.errors import ConfigError
 from p2pfl.learn import backbone
 from p2pfl.learn.models import MODELS
@@ -51,6 +52,10 @@ class LearningSettings:
         "help": "the algorithm's own parameters as a JSON object (checked by its registry entry)"})
     plugins: tuple[str, ...] = field(default=(), metadata={
         "help": "module or .py file that registers more algorithms (repeatable)"})
+    # reputation (p2pfl.algorithms.reputation): wraps the algorithm; the drivers rewire on its advice
+    reputation: bool = field(default=False, metadata={"help": "RFFL reputation per neighbour, removal and rewiring"})
+    reputation_params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "alpha, beta, gamma, fair_rewards, removal_rounds, min_degree as a JSON object"})
     # local training (p2pfl.learn.train.TrainConfig)
     lr: float = field(default=0.2, metadata={"help": "local learning rate"})
     lr_decay: float = field(default=1.0, metadata={"help": "lr at round t is lr * lr_decay**t"})
@@ -109,6 +114,7 @@ class LearningSettings:
                               "backbone file (make one with `p2pfl backbone pretrain`)")
         algorithms.load_plugins(self.plugins)
         algorithms.params(self.algorithm_or_default, self.algorithm_params)
+        self.reputation_settings()
         self.train_config()   # the training keys (and the algorithm's presets)
         self.attack_settings()
 
@@ -128,6 +134,14 @@ class LearningSettings:
         preset = algorithms.get(self.algorithm).train_preset if self.algorithm is not None else {}
         given = {"rho": self.rho, "momentum": self.momentum}
         return {k: v if v is not None else preset.get(k, 0.0) for k, v in given.items()}
+
+    def reputation_settings(self) -> dict[str, Any] | None:
+        """The reputation parameters as run (None: off); ConfigError naming the key."""
+        if not self.reputation:
+            if self.reputation_params:
+                raise ConfigError("reputation_params: given, but reputation = false")
+            return None
+        return dataclasses.asdict(reputation.params(self.reputation_params))
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(lr=self.lr, lr_decay=self.lr_decay, weight_decay=self.weight_decay,

@@ -157,6 +157,8 @@ class AttackerPeer(Peer):
     with `colluders` the peer IDs of the other attackers it knows. `num_classes` is needed by label_flip.
     """
 
+    wraps_reputation = False   # an attacker keeps no reputations: it is the one scored
+
     def __init__(self, model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], *, attack: str,
                  transport: Transport, neighbors: Mapping[str, float | None],
                  attack_params: Mapping[str, Any] | None = None, config: PeerConfig | None = None,

@@ -62,6 +62,7 @@ DROPPED = 2**62          # "set aside until round DROPPED": for the rest of the 
 MAX_BENCH_ROUNDS = 64    # the longest a silent neighbour is set aside (it doubles per offence up to this)
 REFRESH_S = 5.0          # re-hello period
 BACKOFF_MAX_S = 30.0
+MAX_REMOVAL_ROUNDS = 2**20   # the longest removal a neighbour may announce (0: the run)
 
 
 def _peer_of(addr: str) -> str:
@@ -95,6 +96,10 @@ class Membership:
         # the scope (loopback or not) is known now; the ports once we listen, when it is replaced
         self.exchange = DialPolicy(self.identity.peer_id, self.s.listen, allow_dns=self.s.peer_exchange_dns)
         self._throttle = LogThrottle(log)
+        rep = self.s.reputation_settings()
+        self.removal_rounds: int | None = rep["removal_rounds"] if rep else None
+        self.min_degree: int = rep["min_degree"] if rep else 0
+        self.advised: set[str] = set()   # neighbours set aside on the algorithm's advice, still advised
         self.transport.on_hello = self._on_hello
         self.transport.on_control = self._on_control
 
@@ -115,11 +120,20 @@ class Membership:
 
     def _apply_neighbors(self) -> None:
         self.suspicion.release(self.peer.round)   # back on probation: one more missed round sets it aside again
-        for p in self.peer.algorithm.advice().drop - self.benched.keys():
-            # the algorithm's advice (e.g. a reputation below its threshold): set aside for the run, as a
-            # silent neighbour would be; its link slot frees and another neighbour can take it
-            self.benched[p] = DROPPED
+        drop = self.peer.algorithm.advice().drop
+        self.advised &= drop   # a removal whose time is up is no longer advised
+        for p in sorted(drop - self.benched.keys() - self.advised):
+            # the algorithm's advice (e.g. a reputation below its threshold): set aside for removal_rounds
+            # (default: the run), as a silent neighbour would be; its link slot frees and another
+            # neighbour can take it; the removed peer is told, so that it unlinks too. Never below
+            # min_degree links: until a replacement links, it stays (the algorithm ignores its frames)
+            if len(self._active() - {p}) < self.min_degree:
+                continue
+            self.advised.add(p)
+            self.benched[p] = DROPPED if self.removal_rounds is None else self.peer.round + self.removal_rounds
             log.info("neighbour %s dropped on the algorithm's advice", p)
+            if self._nursery is not None and p in self.transport.peers:
+                self._nursery.start_soon(self._tell_removed, p)
         self._prune_links()
         active = self._active()
         if active != set(self.peer.tracker.neighbors):
@@ -253,4 +267,28 @@ class Membership:
                     self._apply_neighbors()
                 self.transport.notify()   # round 0 may be waiting for this link
             return {"t": "link", "ok": ok}
+        if msg["t"] == "removed":
+            return self._on_removed(peer, msg)
         return {"t": "error", "error": f"unknown request {msg['t']!r}"}
+
+    async def _tell_removed(self, peer: str) -> None:
+        """Tell a neighbour we removed that it was removed, and for how long (0: the run)."""
+        try:
+            await self.transport.request(peer, {"t": "removed", "rounds": self.removal_rounds or 0})
+        except Exception as e:   # it may be gone already: the removal stands either way
+            log.debug("removed %s: cannot tell it: %s", peer, e)
+
+    def _on_removed(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """A neighbour removed us: unlink it both ways for the rounds it says (bounded), so that our
+        mixing weights no longer count it and our slot goes to a replacement."""
+        rounds = msg.get("rounds")
+        if msg.keys() != {"t", "rounds"} or type(rounds) is not int or not 0 <= rounds <= MAX_REMOVAL_ROUNDS:
+            self.peer.rejected["bad_removed_notice"] += 1
+            return {"t": "error", "error": f"removed: expected {{t, rounds}} with rounds an int in "
+                                           f"[0, {MAX_REMOVAL_ROUNDS}] (0: the run)"}
+        if peer in self.links or peer in self.peer.tracker.neighbors:
+            self.benched[peer] = DROPPED if rounds == 0 else self.peer.round + rounds
+            log.info("neighbour %s removed us (%s)", peer, f"{rounds} rounds" if rounds else "for the run")
+            self._prune_links()
+            self.transport.notify()
+        return {"t": "removed", "ok": True}

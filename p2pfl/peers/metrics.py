@@ -71,6 +71,7 @@ class Snapshot:
     frames_received: int = 0
     send_failures: int = 0
     rejected: Mapping[str, int] = field(default_factory=dict)
+    reputation: Mapping[str, float] = field(default_factory=dict)   # per neighbour (reputation on)
 
 
 class _Collector:
@@ -114,6 +115,12 @@ class _Collector:
         for reason, n in sorted(s.rejected.items()):
             rejected.add_metric([self.peer_id, reason], n)
         yield rejected
+        if s.reputation:
+            rep = GaugeMetricFamily("p2pfl_reputation", "RFFL reputation of each current neighbour (sums to 1).",
+                                    labels=["peer", "neighbor"])
+            for neighbor, r in sorted(s.reputation.items()):
+                rep.add_metric([self.peer_id, neighbor], r)
+            yield rep
 
 
 class _Conn:

@@ -158,7 +158,7 @@ class Node(Membership):
                             gossip_steps=s.gossip_steps, aggregator=s.aggregator,
                             aggregator_params=s.aggregator_params, f=s.f,
                             step_timeout_s=s.step_timeout, eval_every=s.eval_every, seed=s.seed * 100_003 + i,
-                            check_degree=False)
+                            check_degree=False, reputation=s.reputation_settings())
         self.byzantine = s.attack != "none"
         self.peer: Peer = make_peer(model, train, transport=self.transport, neighbors={}, config=config,
                                     test_data=test, num_classes=num_classes, attack=s.attack,
@@ -326,7 +326,8 @@ class Node(Membership):
                         neighbors=len(self.peer.tracker.neighbors), last_round_wait_s=self._last_wait_s,
                         wait_s_total=self._wait_s_total, bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
                         frames_sent=st.frames_sent, frames_received=st.frames_received,
-                        send_failures=st.send_failures, rejected=self.peer.rejections())
+                        send_failures=st.send_failures, rejected=self.peer.rejections(),
+                        reputation=dict(self.peer.algorithm.advice().scores))
 
     # -- summary ------------------------------------------------------------------------------------
     def _summary(self, wall_s: float) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from p2pfl import algorithms
-from p2pfl.algorithms import Algorithm, Context, GossipConfig
+from p2pfl.algorithms import Algorithm, Context, GossipConfig, reputation
 from p2pfl.algorithms.gossip import ExternalUpdate
 from p2pfl.errors import ConfigError, Reject, RemoteProtocolError
 from p2pfl.gossip import payloads
@@ -79,6 +79,8 @@ class PeerConfig:
     # False where neighbours join and leave at run time (a real peer): the caller checks the rule once
     # against the planned degree, and a step with too few inputs keeps the own vector
     check_degree: bool = True
+    # RFFL reputation around the algorithm (p2pfl.algorithms.reputation): its parameters; None: off
+    reputation: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.gossip_steps < 1:
@@ -92,6 +94,8 @@ class PeerConfig:
         if self.f < 0:
             raise ConfigError(f"f: must be >= 0, got {self.f}")
         algorithms.params(self.algorithm, self.algorithm_params)
+        if self.reputation is not None:
+            reputation.params(self.reputation)
 
     def gossip(self) -> GossipConfig:
         return GossipConfig(self.aggregator, self.aggregator_params, self.f, self.max_abs_weight)
@@ -143,6 +147,8 @@ class Peer:
                       num_classes=num_classes, reference_data=reference_data)
         self.algorithm: Algorithm = (ExternalUpdate(ctx) if own_loop else
                                      algorithms.build(self.config.algorithm, ctx, self.config.algorithm_params))
+        if self.config.reputation is not None and self.wraps_reputation:
+            self.algorithm = reputation.Reputation(self.algorithm, reputation.params(self.config.reputation))
         # what a neighbour's frame must carry; the transport refuses anything else before we see it
         self.payloads = dict(self.algorithm.payloads())
         transport.expect(self.payloads)
@@ -151,6 +157,10 @@ class Peer:
         self.round = 0                            # next round to run
         self._step_done = trio.Event()
         self._nursery: trio.Nursery | None = None
+        # awaited before each round (the in-process engine's rewiring barrier); None: start at once
+        self.before_round: Callable[[Peer, int], Awaitable[None]] | None = None
+
+    wraps_reputation = True   # an attacker's algorithm is its own (AttackerPeer)
 
     def _data(self, value: Any, what: str, shuffle: bool = True) -> Data:
         data = as_data(value, what, batch_size=self.config.train.batch_size, shuffle=shuffle,
@@ -248,6 +258,8 @@ class Peer:
             # Yield around training: with many inline peers on one loop, all peers' training then
             # runs back to back rather than interleaved with aggregation and sends, which keeps
             # torch's code and data in cache (about 25% faster per round at 256 peers).
+            if self.before_round is not None:
+                await self.before_round(self, t)
             await trio.lowlevel.checkpoint()
             bytes_before = self.transport.stats.bytes_sent
             stats = await self._compute(self.algorithm.local_update, t)
@@ -268,6 +280,9 @@ class Peer:
                 extra.update({k: v for k, v in info.items() if k not in event and isinstance(v, (int, float))})
             event.update(extra)
             event.update(self.round_info(t))
+            advice = self.algorithm.advice()
+            if advice.scores or advice.drop:
+                event.update(reputation=dict(advice.scores), removed=sorted(advice.drop))
             if self.test_data is not None and (t % self.config.eval_every == 0 or t == last):
                 train = self.config.train
                 acc, loss = await self._compute(partial(evaluate, self.model, *unpack(self.test_data),

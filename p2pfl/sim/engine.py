@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import math
 import signal
@@ -33,6 +34,7 @@ import trio
 import trio.testing
 from torch.utils.data import DataLoader
 
+from p2pfl.algorithms import reputation
 from p2pfl.files import MetricsLog, write_json
 from p2pfl.gossip.identity import Identity
 from p2pfl.gossip.topology import build_topology, metropolis_hastings, neighbors, spectral_gap
@@ -45,7 +47,9 @@ from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.preflight import make_out_dir
 from p2pfl.sim import cast as attacks
+from p2pfl.sim.reputation_plots import write_figures
 from p2pfl.sim.results import accuracy_table, consensus_distance, plot_accuracy, plot_consensus, read_events
+from p2pfl.sim.rewire import Rewirer
 from p2pfl.sim.scenario import Scenario
 
 Progress = Callable[[int, dict[str, Any]], None]
@@ -145,6 +149,7 @@ class _RoundWatcher:
         self.pending: dict[int, dict[int, tuple[torch.Tensor, dict[str, Any]]]] = {}
         self.rounds: list[dict[str, Any]] = []
         self.last_accuracy: dict[int, float] = {}
+        self.on_close: Callable[[int], None] | None = None   # after a round is summarised (rewiring)
 
     def __call__(self, event: dict[str, Any]) -> None:
         i = self.index[event["peer"]]
@@ -169,6 +174,8 @@ class _RoundWatcher:
         self.log.write(summary)
         self.log.flush()
         self.rounds.append(summary)
+        if self.on_close is not None:
+            self.on_close(t)
         if self.progress:
             self.progress(t, summary)
 
@@ -187,6 +194,11 @@ async def _stop_on_interrupt(scope: trio.CancelScope, stopped: list[bool]) -> No
             stopped.append(True)
             scope.cancel()
             return
+
+
+def _rewire(rewirer: Rewirer, log: MetricsLog, t: int) -> None:
+    for change in rewirer.round_closed(t):
+        log.write({"kind": "rewire", **change})
 
 
 def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = None,
@@ -208,7 +220,8 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     honest = set(cast.honest)
     log.write({"kind": "run", "round": -1, "name": s.name, "scenario": s.to_dict(), "honest": cast.honest,
                "byzantine": sorted(cast.byzantine), "attack": s.attack,
-               "spectral_gap": gap, "peer_ids": [ident.peer_id for ident in setup.identities]})
+               "spectral_gap": gap, "peer_ids": [ident.peer_id for ident in setup.identities],
+               **({"overlay": nbrs} if s.reputation else {})})
 
     network = MemoryNetwork(wire=s.wire, latency_s=s.latency_ms / 1000, loss=s.loss, seed=s.seed)
     test = setup.test_data()
@@ -216,7 +229,9 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     config = PeerConfig(train=s.train_config(), algorithm=s.algorithm_or_default,
                         algorithm_params=s.algorithm_params, gossip_steps=s.gossip_steps, aggregator=s.aggregator,
                         aggregator_params=s.aggregator_params, f=s.f, step_timeout_s=s.step_timeout_s,
-                        eval_every=s.eval_every)
+                        eval_every=s.eval_every, reputation=s.reputation_settings(),
+                        # rewiring changes degrees: a rule with too few inputs keeps the own vector
+                        check_degree=not s.reputation)
     for i, ident in enumerate(setup.identities):
         weights = {setup.identities[j].peer_id: float(setup.W[i, j]) for j in nbrs[i]}
         peers.append(cast.peer(i, copy.deepcopy(setup.init), setup.train_data(i),
@@ -227,6 +242,15 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
     watcher = _RoundWatcher(peers, log, progress, honest)
     for p in peers:
         p.on_event = watcher
+    rewirer = None
+    if s.reputation:
+        rewirer = Rewirer(peers, setup.adjacency, s.seed, reputation.params(s.reputation_params).min_degree,
+                          cast.knowledge, s.aggregator)
+        if cast.knowledge is not None:
+            cast.knowledge.board.wanted = None   # new neighbourhoods: every honest vector may be needed
+        watcher.on_close = functools.partial(_rewire, rewirer, log)
+        for p in peers:
+            p.before_round = rewirer.before_round
 
     stopped: list[bool] = []
 
@@ -268,6 +292,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
                       f"{s.name}: honest peers ({len(cast.byzantine)} {s.attack} attackers)")
     (out / "consensus.png").unlink(missing_ok=True)   # not left from an earlier run when this one has no curve
     plot_consensus(events, out / "consensus.png", s.name)
+    write_figures(events, out)
     rejected = dict(sum((Counter(peers[i].rejections()) for i in sorted(honest)), Counter[str]()))
     final = watcher.rounds[-1] if watcher.rounds else {"distance": math.nan}
     summary = {
@@ -291,6 +316,10 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
         "byzantine": sorted(cast.byzantine),
         "byzantine_neighbors": attacks.byzantine_neighbors(nbrs, cast.byzantine),
     }
+    if rewirer is not None:
+        summary.update(reputation=s.reputation_settings(), overlay_initial=nbrs, overlay_final=rewirer.neighbors(),
+                       byzantine_neighbors_final=attacks.byzantine_neighbors(rewirer.neighbors(), cast.byzantine),
+                       rewire_changes=len(rewirer.history))
     write_json(out / "summary.json", summary)
     if stopped:
         raise Interrupted(summary)

@@ -171,6 +171,9 @@ def report(run_dir: str | Path, baseline: str | Path | None = None) -> dict[str,
     plots = ["accuracy.png"]
     if plot_consensus(events, run_dir / "consensus.png", start.get("name", "")):
         plots.append("consensus.png")
+    from p2pfl.sim.reputation_plots import write_figures  # it imports this module
+
+    plots += write_figures(events, run_dir)
     return {"rounds": len(table["rounds"]), "final": {k: table[k][-1] for k in ("mean", "min", "max")},
             "centralized": table["centralized"][-1], "table": table, "plots": plots,
             "baseline_final": base[2]["mean"][-1] if base else None}
