@@ -126,7 +126,8 @@ class FramePath(ControlPath):
                     self.stats.send_failures += 1
                     self._pending -= 1
                     self._notify()   # after the count: a flush() waiting on _pending must see it
-                    log.info("%s: frame to %s not sent: %s", self.local_id, peer, _reason(e))
+                    self._warn(peer, "send", "%s: frame of %d bytes to %s not sent: %s", self.local_id, size, peer,
+                               _reason(e))
                     if channel is not None:
                         with trio.move_on_after(1):
                             await channel.aclose()
