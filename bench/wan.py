@@ -25,6 +25,7 @@ with a free network, plus degree x frame_bytes over the uplink rate) and accurac
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -179,7 +180,7 @@ def _row(st: Setting, a: argparse.Namespace, out: Path, stamps: list[list[float]
                     missing += len(ev.get("missing", []))
         except (OSError, ValueError):
             pass
-    intervals = [t1 - t0 for s in stamps for t0, t1 in zip(s, s[1:])]
+    intervals = [t1 - t0 for s in stamps for t0, t1 in itertools.pairwise(s)]
     sent = [(s.get("bytes_sent", 0), s.get("frames_sent", 0)) for s in summaries]
     frame_bytes = round(sum(b for b, _ in sent) / max(1, sum(f for _, f in sent)))
     accs = [s["accuracy"] for s in summaries if s.get("accuracy") is not None]

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import torch
 import trio
 from torch import nn
@@ -88,6 +89,9 @@ class PeerConfig:
 
     def replace(self, **changes: Any) -> PeerConfig:
         return dataclasses.replace(self, **changes)
+
+
+_FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Peer:
@@ -259,6 +263,11 @@ class Peer:
         """The payload array of a tensor the algorithm sends: its floats as they are (no copy), integers
         (an algorithm's int64 ranks, say) in the declared unsigned wire dtype."""
         dtype = self.payloads[kind].dtype
+        want = _FLOAT_DTYPES.get(dtype)
+        if want is not None and tensor.dtype != want:   # e.g. an attacker's f32 vector, the spec says f16
+            tensor = tensor.to(want)
+        if tensor.dtype == torch.bfloat16:   # no numpy bf16: its raw bits, as the codec carries them
+            return tensor.detach().cpu().view(torch.int16).numpy().view(np.uint16)
         array = tensor.detach().cpu().numpy()
         return array.astype(codec_storage(dtype)) if dtype in INT_DTYPES else array
 
