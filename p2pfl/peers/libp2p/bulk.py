@@ -37,7 +37,7 @@ from __future__ import annotations
 import secrets
 import socket
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -149,9 +149,11 @@ async def send_progress(sock: trio.socket.SocketType, data: memoryview, stall_ti
             n += await sock.send(data[n:])
 
 
-async def recv_exact(sock: trio.socket.SocketType, view: memoryview, stall_timeout_s: float | None = None) -> None:
+async def recv_exact(sock: trio.socket.SocketType, view: memoryview, stall_timeout_s: float | None = None,
+                     on_bytes: Callable[[int], None] | None = None) -> None:
     """Fill `view` from a socket; EndOfStream if the peer closes first. With `stall_timeout_s`,
-    trio.TooSlowError when no byte arrives for that long (progress, not the whole view, is timed)."""
+    trio.TooSlowError when no byte arrives for that long (progress, not the whole view, is timed).
+    `on_bytes(n)` is told of every read."""
     n = 0
     while n < view.nbytes:
         try:
@@ -165,6 +167,8 @@ async def recv_exact(sock: trio.socket.SocketType, view: memoryview, stall_timeo
         if got == 0:
             raise EndOfStream("connection closed")
         n += got
+        if on_bytes is not None:
+            on_bytes(got)
 
 
 class BulkReader:
@@ -178,8 +182,8 @@ class BulkReader:
     side buffer and handed out over later calls."""
 
     def __init__(self, sock: trio.socket.SocketType, key: bytes, stall_timeout_s: float,
-                 peer: str | None = None) -> None:
-        self.sock, self.stall_timeout_s, self.peer = sock, stall_timeout_s, peer
+                 peer: str | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
+        self.sock, self.stall_timeout_s, self.peer, self.on_bytes = sock, stall_timeout_s, peer, on_bytes
         self._aead = AESGCM(key)
         self._index = 0
         self._sealed = bytearray(RECORD_BYTES + TAG_BYTES)
@@ -207,7 +211,7 @@ class BulkReader:
 
     async def _next_length(self, timeout: float | None) -> int:
         header = memoryview(self._header)
-        await recv_exact(self.sock, header, timeout)
+        await recv_exact(self.sock, header, timeout, self.on_bytes)
         (size,) = _U32.unpack(header)
         if not 1 <= size <= RECORD_BYTES:
             raise RemoteProtocolError(Reject.BAD_LENGTH, f"bulk record of {size} bytes (1..{RECORD_BYTES})",
@@ -216,7 +220,7 @@ class BulkReader:
 
     async def _open_into(self, size: int, target: memoryview) -> None:
         sealed = memoryview(self._sealed)[:size + TAG_BYTES]
-        await recv_exact(self.sock, sealed, self.stall_timeout_s)
+        await recv_exact(self.sock, sealed, self.stall_timeout_s, self.on_bytes)
         try:
             self._aead.decrypt_into(_nonce(self._index), sealed, bytes(self._header), target)
         except InvalidTag:
