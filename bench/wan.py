@@ -1,7 +1,8 @@
 """WAN test bed: real `p2pfl peer` processes in network namespaces joined by an emulated WAN.
 
-    sudo python bench/wan.py --quick            # every setting with a 1.2 MB model (MLP 512,512)
-    sudo python bench/wan.py                    # the same with the issue's 17 MB model (MLP 2048,2048)
+    sudo python bench/wan.py --quick            # baseline + the issue's 4 settings, 1.2 MB model (MLP 512,512)
+    sudo python bench/wan.py --quick --all      # + both loss-free links under Reno, + f16 frames on loss/Reno
+    sudo python bench/wan.py                    # the issue's 17 MB model (MLP 2048,2048): slow
 
 Theory of operation
 -------------------
@@ -60,16 +61,19 @@ class Setting:
     peer_args: list[str] = field(default_factory=list)
 
 
-def settings() -> list[Setting]:
-    """The baseline, the issue's three link settings under the machine's default congestion control
-    and under Reno, and half-precision frames on the lossy Reno link (an option row)."""
+ISSUE_SETTINGS = ("baseline", "rtt100_100mbit", "rtt100_100mbit_loss1", "rtt100_100mbit_loss1_reno", "rtt300_20mbit")
+
+
+def settings(every: bool) -> list[Setting]:
+    """The baseline and the issue's four settings; with `every`, also the other two links under
+    Reno and half-precision frames on the lossy Reno link (an option row)."""
     links = [("rtt100_100mbit", 50, 0.0, 100), ("rtt100_100mbit_loss1", 50, 0.01, 100), ("rtt300_20mbit", 150, 0.0, 20)]
     rows = [Setting("baseline")]
     for cc in ("default", "reno"):
         rows += [Setting(name if cc == "default" else f"{name}_reno", d, loss, rate, cc) for name, d, loss, rate in links]
     rows.append(Setting("rtt100_100mbit_loss1_reno_f16", 50, 0.01, 100, "reno",
                         ["--algorithm-params", '{"wire_dtype": "f16"}']))
-    return rows
+    return rows if every else [r for r in rows if r.name in ISSUE_SETTINGS]
 
 
 def build_wanlink(tmp: Path) -> Path:
@@ -204,7 +208,8 @@ def _row(st: Setting, a: argparse.Namespace, out: Path, stamps: list[list[float]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="every setting with a 1.2 MB model instead of 17 MB")
+    p.add_argument("--quick", action="store_true", help="a 1.2 MB model (MLP 512,512) instead of 17 MB")
+    p.add_argument("--all", action="store_true", help="also the Reno rows of the loss-free links and the f16 row")
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--hidden", default=None, help="MLP widths (quick: 512,512 = 1.2 MB; else 2048,2048 = 17 MB)")
@@ -223,7 +228,7 @@ def main() -> int:
     if reason is not None:
         print(f"bench/wan.py cannot run here: {reason}", file=sys.stderr)
         return 2
-    rows = settings()
+    rows = settings(a.all)
     if a.only:
         keep = set(a.only.split(","))
         rows = [s for s in rows if s.name == "baseline" or s.name in keep]
