@@ -59,6 +59,7 @@ class Setting:
     rate_mbit: float = 0.0       # 0: unlimited
     cc: str = "default"
     peer_args: list[str] = field(default_factory=list)
+    sysctls: dict[str, str] = field(default_factory=dict)   # per namespace, e.g. slow start after idle off
 
 
 ISSUE_SETTINGS = ("baseline", "rtt100_100mbit", "rtt100_100mbit_loss1", "rtt100_100mbit_loss1_reno", "rtt300_20mbit")
@@ -66,13 +67,17 @@ ISSUE_SETTINGS = ("baseline", "rtt100_100mbit", "rtt100_100mbit_loss1", "rtt100_
 
 def settings(every: bool) -> list[Setting]:
     """The baseline and the issue's four settings; with `every`, also the other two links under
-    Reno and half-precision frames on the lossy Reno link (an option row)."""
+    Reno, half-precision frames on the lossy Reno link, and the loss-free links with the congestion
+    window kept across the idle time between rounds (option rows)."""
     links = [("rtt100_100mbit", 50, 0.0, 100), ("rtt100_100mbit_loss1", 50, 0.01, 100), ("rtt300_20mbit", 150, 0.0, 20)]
     rows = [Setting("baseline")]
     for cc in ("default", "reno"):
         rows += [Setting(name if cc == "default" else f"{name}_reno", d, loss, rate, cc) for name, d, loss, rate in links]
     rows.append(Setting("rtt100_100mbit_loss1_reno_f16", 50, 0.01, 100, "reno",
                         ["--algorithm-params", '{"wire_dtype": "f16"}']))
+    idle = {"net.ipv4.tcp_slow_start_after_idle": "0"}   # keep the window between rounds (an operator's sysctl)
+    rows += [Setting("rtt100_100mbit_keepcwnd", 50, 0.0, 100, sysctls=idle),
+             Setting("rtt300_20mbit_keepcwnd", 150, 0.0, 20, sysctls=idle)]
     return rows if every else [r for r in rows if r.name in ISSUE_SETTINGS]
 
 
@@ -123,6 +128,9 @@ def run_setting(st: Setting, a: argparse.Namespace, wanlink: Path, tmp: Path, ba
                 ns.adopt_tun(i, f"{prefix}t{i}")
                 if cc != "default" and not ns.sysctl(i, "net.ipv4.tcp_congestion_control", cc):
                     cc = f"{cc} (refused: kept the default)"
+                for key, value in st.sysctls.items():
+                    if not ns.sysctl(i, key, value):
+                        raise RuntimeError(f"sysctl {key}={value} refused in the namespace")
             if st.cc == "default":
                 cc = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip() + " (default)"
             env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -199,7 +207,7 @@ def _row(st: Setting, a: argparse.Namespace, out: Path, stamps: list[list[float]
            "ratio": round(round_s / ideal, 2) if round_s and ideal else None,
            "accuracy_mean": round(statistics.mean(accs), 4) if accs else None,
            "send_failures": sum(s.get("send_failures", 0) for s in summaries),
-           "peer_args": st.peer_args, "timed_out": timed_out, "wanlink": link_stats}
+           "peer_args": st.peer_args, "sysctls": st.sysctls, "timed_out": timed_out, "wanlink": link_stats}
     if a.verbose or timed_out or row["rounds_done"] < a.rounds:
         for i, lines in enumerate(logs):
             print(f"--- peer {i} (last lines)", *lines[-8:], sep="\n  ", file=sys.stderr)
@@ -209,7 +217,8 @@ def _row(st: Setting, a: argparse.Namespace, out: Path, stamps: list[list[float]
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a 1.2 MB model (MLP 512,512) instead of 17 MB")
-    p.add_argument("--all", action="store_true", help="also the Reno rows of the loss-free links and the f16 row")
+    p.add_argument("--all", action="store_true", help="also the Reno rows of the loss-free links, the f16 row and "
+                                                      "the rows with slow start after idle off")
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--hidden", default=None, help="MLP widths (quick: 512,512 = 1.2 MB; else 2048,2048 = 17 MB)")
