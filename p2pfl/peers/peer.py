@@ -3,11 +3,11 @@
 Theory of operation: `train(rounds)` runs, for each round t, the algorithm's local update, then Q
 gossip steps: send what the algorithm gives for (t, q) to every neighbour, wait until all neighbours'
 (t, q) frames arrived or `step_timeout_s` passed (longer while frames are still arriving over a slow
-link: `wait_step`), and hand what arrived, keyed by peer ID, to the algorithm's `combine`. The algorithm (`p2pfl.algorithms`, `PeerConfig.algorithm`) decides what is
-trained, sent and combined; the peer owns rounds, deadlines, the transport and events. A
-background task drains the transport into the tracker continuously, so frames are read even while
-the peer trains. Torch work
-runs in a worker thread (`offload=True`, the real-network default) so the trio loop keeps serving
+link: `wait_step`), and hand what arrived, keyed by peer ID, to the algorithm's `combine`. The
+algorithm (`p2pfl.algorithms`, `PeerConfig.algorithm`) decides what is trained, sent and combined;
+the peer owns rounds, deadlines, the transport and events. A background task drains the transport
+into the tracker continuously, so frames are read even while the peer trains. Torch work runs in a
+worker thread (`offload=True`, the real-network default) so the trio loop keeps serving
 streams; the in-process simulator runs it inline (`offload=False`), as a thread hop costs as much as
 a small model's training step there and nothing else waits on that loop's I/O.
 
