@@ -33,7 +33,7 @@ from typing import Any
 from p2pfl import config
 from p2pfl.algorithms.base import Advice, Algorithm, Context, GossipConfig, Received
 from p2pfl.algorithms.frl import FRL, FRLParams
-from p2pfl.algorithms.gossip import Gossip
+from p2pfl.algorithms.gossip import Gossip, GossipParams
 from p2pfl.errors import ConfigError
 from p2pfl.learn.train import ALGORITHMS as TRAIN_PRESETS
 from p2pfl.robust.attacks import ATTACKS
@@ -156,7 +156,7 @@ for _name, _preset in TRAIN_PRESETS.items():
     register(_name, summary={"dfedavg": "local SGD, then gossip (DFedAvg)",
                              "dfedavgm": "local SGD with momentum 0.9, then gossip (DFedAvgM)",
                              "dfedsam": "local SAM (rho 0.05), then gossip (DFedSAM)"}[_name],
-             train_preset=_preset)(Gossip)
+             params=GossipParams, train_preset=_preset)(Gossip)
 register("frl", params=FRLParams,
          summary="supermask scores trained locally, rankings gossiped, a rank vote per neighbourhood (FRL)")(FRL)
 

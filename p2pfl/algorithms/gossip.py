@@ -12,12 +12,20 @@ Never adopted: a local update that is not finite (the model goes back to x_i of 
 the optimizer's momentum, which holds the same NaNs, is cleared: `non_finite_update`) and a rule's
 result that is not finite (finite inputs near 3e38 overflow median and trimmed mean; the step keeps
 x_i: `non_finite_aggregate`). A rule that has too few inputs this step keeps x_i (`too_few_inputs`).
+
+Wire dtype (`algorithm_params.wire_dtype`, opt-in): x_i travels as f32 by default; "f16" or "bf16"
+halve the bytes on the wire (for slow or lossy links, docs/wan.md). Only what is sent is rounded:
+x_i itself and every combination stay f32, and what arrives is widened to f32 before the rule, so
+the rounding error does not accumulate over rounds beyond one rounding of each neighbour's vector
+per step (f16: relative 2^-11, bf16: 2^-8). Every peer of a federation must use the same value (it
+is part of the settings their hellos compare).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,10 +39,23 @@ from p2pfl.robust import RULES, aggregate
 
 log = logging.getLogger(__name__)
 
+_TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GossipParams:
+    wire_dtype: str = "f32"    # what x_i is sent as: f32, or f16/bf16 for half the bytes
+
+    def __post_init__(self) -> None:
+        if self.wire_dtype not in _TORCH_DTYPES:
+            raise ValueError(f"wire_dtype: unknown value {self.wire_dtype!r}; allowed: {', '.join(_TORCH_DTYPES)}")
+
 
 class Gossip(Algorithm):
     def __init__(self, ctx: Context, params: Any = None) -> None:
         super().__init__(ctx, params)
+        self.wire_dtype = params.wire_dtype if isinstance(params, GossipParams) else "f32"
+        self._sent: tuple[int, int, Tensor] | None = None   # (t, q, x_i as sent): one conversion per step
         generator = torch.Generator().manual_seed(ctx.seed)
         self.layout = ParamLayout.of(ctx.model)
         self.flat = FlatParameters(ctx.model)   # before the optimizer: it must see the re-homed params
@@ -43,7 +64,7 @@ class Gossip(Algorithm):
         self.x = self.flat.get()                # x_i: the shared parameters
 
     def payloads(self) -> Mapping[str, PayloadSpec]:
-        return {"model": PayloadSpec("f32", self.layout.size, self.ctx.gossip.max_abs_weight)}
+        return {"model": PayloadSpec(self.wire_dtype, self.layout.size, self.ctx.gossip.max_abs_weight)}
 
     def local_update(self, t: int) -> Mapping[str, Any]:
         stats = self.trainer.train_round(t)
@@ -59,12 +80,16 @@ class Gossip(Algorithm):
         return {"train_loss": stats.loss, "local_steps": stats.steps}
 
     def outgoing(self, t: int, q: int, neighbor: str) -> Mapping[str, Tensor] | None:
-        return {"model": self.x}
+        if self.wire_dtype == "f32":
+            return {"model": self.x}
+        if self._sent is None or self._sent[:2] != (t, q):   # the same tensor for every neighbour: encoded once
+            self._sent = (t, q, self.x.to(_TORCH_DTYPES[self.wire_dtype]))
+        return {"model": self._sent[2]}
 
     def combine(self, t: int, q: int, received: Received) -> Mapping[str, Any]:
         if not received:
             return {}
-        x, distance = self.aggregate(self.x, {p: r["model"] for p, r in received.items()}, t)
+        x, distance = self.aggregate(self.x, {p: r["model"].to(self.x.dtype) for p, r in received.items()}, t)
         self.x = x
         return {"neighbor_distance": distance}
 

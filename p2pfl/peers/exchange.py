@@ -87,6 +87,11 @@ class DialPolicy:
             out.append((addr, peer))
         return out
 
+    def alternatives(self, peer: str, addrs: Iterable[str]) -> list[str]:
+        """Every address in `addrs` of `peer` that we would dial, in the order given: a peer on
+        several interfaces advertises them all, and the first may be one we cannot route to."""
+        return [a for a in addrs if a.endswith(f"/p2p/{peer}") and self._refusal(a) is None]
+
     def _refusal(self, addr: str) -> str | None:
         parsed = parse(addr, allow_dns=True)
         if parsed is None:

@@ -157,19 +157,26 @@ class Membership:
         addrs = [a for a in hello.peers if not self.explicit or _peer_of(a) in self.explicit]
         for addr, other in self.exchange.pick(peer, addrs, time.monotonic(), known):
             self.dialing.add(other)
-            self._nursery.start_soon(self._dial_once, addr, other)
+            self._nursery.start_soon(self._dial_once, [addr, *self.exchange.alternatives(other, addrs)], other)
         if not self.explicit and peer not in self.links and peer not in self.benched and \
                 len(self.links) < self.s.degree:
             self._nursery.start_soon(self._ask_link, peer)
         if self.peer.round == self.first_round and self._train_scope is not None and self.peer.tracker.current[0] < 0:
             self._apply_neighbors()    # before round 0, neighbours join at once
 
-    async def _dial_once(self, addr: str, peer: str) -> None:
+    async def _dial_once(self, addrs: list[str], peer: str) -> None:
+        """Dial `peer` at each of its addresses in turn until one answers (a peer on several
+        interfaces advertises them all; loopback comes last)."""
         try:
-            await self.transport.connect(addr)
-        except (ConnectionError, HelloRefused, ConfigError) as e:
-            self._throttle.warning(("dial", peer), "peer exchange: cannot reach %s: %s", printable(addr),
-                                   printable(str(e), 200))
+            for addr in dict.fromkeys(addrs):
+                try:
+                    await self.transport.connect(addr)
+                    return
+                except (ConnectionError, HelloRefused, ConfigError) as e:
+                    self._throttle.warning(("dial", addr), "peer exchange: cannot reach %s: %s", printable(addr),
+                                           printable(str(e), 200))
+                    if not isinstance(e, ConnectionError):
+                        return   # it answered and refused: another of its addresses changes nothing
         finally:
             self.dialing.discard(peer)
 
@@ -224,7 +231,7 @@ class Membership:
             try:
                 await self.transport.hello(p)
             except (ConnectionError, HelloRefused) as e:
-                log.debug("refresh %s: %s", p, e)
+                self._throttle.warning(("refresh", p), "re-hello with %s failed: %s", p, printable(str(e), 200))
         if not self.explicit and len(self.links) < self.s.degree:
             for p in self._candidates():
                 if len(self.links) >= self.s.degree:

@@ -2,12 +2,12 @@
 
 Theory of operation: `train(rounds)` runs, for each round t, the algorithm's local update, then Q
 gossip steps: send what the algorithm gives for (t, q) to every neighbour, wait until all neighbours'
-(t, q) frames arrived or `step_timeout_s` passed, and hand what arrived, keyed by peer ID, to the
-algorithm's `combine`. The algorithm (`p2pfl.algorithms`, `PeerConfig.algorithm`) decides what is
-trained, sent and combined; the peer owns rounds, deadlines, the transport and events. A
-background task drains the transport into the tracker continuously, so frames are read even while
-the peer trains. Torch work
-runs in a worker thread (`offload=True`, the real-network default) so the trio loop keeps serving
+(t, q) frames arrived or `step_timeout_s` passed (longer while frames are still arriving over a slow
+link: `wait_step`), and hand what arrived, keyed by peer ID, to the algorithm's `combine`. The
+algorithm (`p2pfl.algorithms`, `PeerConfig.algorithm`) decides what is trained, sent and combined;
+the peer owns rounds, deadlines, the transport and events. A background task drains the transport
+into the tracker continuously, so frames are read even while the peer trains. Torch work runs in a
+worker thread (`offload=True`, the real-network default) so the trio loop keeps serving
 streams; the in-process simulator runs it inline (`offload=False`), as a thread hop costs as much as
 a small model's training step there and nothing else waits on that loop's I/O.
 
@@ -35,6 +35,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import torch
 import trio
 from torch import nn
@@ -102,6 +103,29 @@ class PeerConfig:
 
     def replace(self, **changes: Any) -> PeerConfig:
         return dataclasses.replace(self, **changes)
+
+
+_FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+MAX_STEP_EXTENSION = 4   # a step whose frames are still arriving waits at most this many step timeouts
+
+
+async def wait_step(done: trio.Event, timeout_s: float, progress: Callable[[], int], most_s: float) -> bool:
+    """Wait for `done`; True if it came. The deadline is `timeout_s`, moved on by another `timeout_s`
+    each time it passes while bytes of frames keep arriving (`progress()`, a byte count, grew in
+    the last `timeout_s`), up to `most_s` in all: a frame that crosses a slow link in 50 s is
+    waited for, a silent neighbour costs `timeout_s` as before. (A neighbour that trickles bytes
+    can hold a step for `most_s`: that is the bound.)"""
+    start = trio.current_time()
+    deadline = start + timeout_s
+    seen = progress()
+    while True:
+        with trio.move_on_at(deadline):
+            await done.wait()
+            return True
+        now, count = trio.current_time(), progress()
+        if count == seen or now >= start + most_s:
+            return False
+        seen, deadline = count, min(now + timeout_s, start + most_s)
 
 
 class Peer:
@@ -315,9 +339,10 @@ class Peer:
         waited = 0.0
         if not self.tracker.complete:
             start = trio.current_time()
-            with trio.move_on_after(self.config.step_timeout_s) as scope:
-                await self._step_done.wait()
-            if scope.cancelled_caught and self.settle is not None:
+            timeout = self.config.step_timeout_s
+            arrived = await wait_step(self._step_done, timeout, lambda: self.transport.stats.bytes_arriving,
+                                      MAX_STEP_EXTENSION * timeout)
+            if not arrived and self.settle is not None:
                 await self.settle()
             waited = trio.current_time() - start
         missing = self.tracker.missing()
@@ -331,6 +356,11 @@ class Peer:
         """The payload array of a tensor the algorithm sends: its floats as they are (no copy), integers
         (an algorithm's int64 ranks, say) in the declared unsigned wire dtype."""
         dtype = self.payloads[kind].dtype
+        want = _FLOAT_DTYPES.get(dtype)
+        if want is not None and tensor.dtype != want:   # e.g. an attacker's f32 vector, the spec says f16
+            tensor = tensor.to(want)
+        if tensor.dtype == torch.bfloat16:   # no numpy bf16: its raw bits, as the codec carries them
+            return tensor.detach().cpu().view(torch.int16).numpy().view(np.uint16)
         array = tensor.detach().cpu().numpy()
         return array.astype(codec_storage(dtype)) if dtype in INT_DTYPES else array
 

@@ -37,6 +37,7 @@ class TransportStats:
     frames_sent: int = 0
     frames_received: int = 0
     send_failures: int = 0
+    bytes_arriving: int = 0     # bytes of frames read so far, those of a frame still arriving included
     rejected: Counter[str] = field(default_factory=Counter)
 
     def reject(self, reason: Reject) -> None:

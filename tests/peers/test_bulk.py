@@ -157,6 +157,8 @@ def test_frames_take_the_bulk_channel_when_both_sides_have_one():
             assert got == [(b.local_id, r, float(r), big) for r in range(3)]
             assert a.bulk_peers == [b.local_id]
             assert sum(a.stats.rejected.values()) == 0
+            # progress counts what came off the socket: the frames, plus each record's length and tag
+            assert a.stats.bytes_arriving > a.stats.bytes_received > 3 * big * 4
     trio.run(main)
 
 
@@ -173,6 +175,7 @@ def test_without_a_bulk_channel_on_either_side_frames_use_a_libp2p_stream(off):
                 sender, frame = await a.receive().__anext__()
             assert (sender, frame.round) == (b.local_id, 0)
             assert a.bulk_peers == []
+            assert a.stats.bytes_arriving == a.stats.bytes_received > 0   # a stream carries the frame's bytes alone
     trio.run(main)
 
 

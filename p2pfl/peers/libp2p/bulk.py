@@ -37,7 +37,7 @@ from __future__ import annotations
 import secrets
 import socket
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -134,37 +134,56 @@ class BulkSender:
             _U32.pack_into(out, 0, n)
             self._aead.encrypt_into(_nonce(self._index), plain, bytes(out[:_U32.size]), out[_U32.size:])
             self._index += 1
-            with trio.fail_after(self.write_timeout_s):
-                await self.stream.send_all(out)
+            await send_progress(self.stream.socket, out, self.write_timeout_s)
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
 
 
-async def recv_exact(sock: trio.socket.SocketType, view: memoryview) -> None:
-    """Fill `view` from a socket; EndOfStream if the peer closes first."""
+async def send_progress(sock: trio.socket.SocketType, data: memoryview, stall_timeout_s: float) -> None:
+    """Send all of `data`; trio.TooSlowError only if no byte at all leaves within `stall_timeout_s`
+    (a link at 1 Mbit/s takes 8 s per record, and that is slow, not stalled)."""
+    n = 0
+    while n < data.nbytes:
+        with trio.fail_after(stall_timeout_s):
+            n += await sock.send(data[n:])
+
+
+async def recv_exact(sock: trio.socket.SocketType, view: memoryview, stall_timeout_s: float | None = None,
+                     on_bytes: Callable[[int], None] | None = None) -> None:
+    """Fill `view` from a socket; EndOfStream if the peer closes first. With `stall_timeout_s`,
+    trio.TooSlowError when no byte arrives for that long (progress, not the whole view, is timed).
+    `on_bytes(n)` is told of every read."""
     n = 0
     while n < view.nbytes:
         try:
-            got = await sock.recv_into(view[n:])
+            if stall_timeout_s is None:
+                got = await sock.recv_into(view[n:])
+            else:
+                with trio.fail_after(stall_timeout_s):
+                    got = await sock.recv_into(view[n:])
         except OSError as e:
             raise EndOfStream(f"{type(e).__name__}: {e}") from None
         if got == 0:
             raise EndOfStream("connection closed")
         n += got
+        if on_bytes is not None:
+            on_bytes(got)
 
 
 class BulkReader:
     """The listening side, after the token: opens records into the caller's buffers.
 
     `read_exact(view, timeout)` has host.read_exact's contract, so the frame reader is shared with
-    libp2p streams: `timeout` bounds the wait for the next record (None: idle between frames), and
-    a record whose header arrived must arrive whole within `stall_timeout_s`. A record that does
-    not fit the rest of `view` is opened into a side buffer and handed out over later calls."""
+    libp2p streams: `timeout` bounds the wait for the next byte of a record header (None: idle
+    between frames), and once a record's header arrived its bytes must keep coming: no
+    `stall_timeout_s` without a byte. A slow link is not a stalled one: a 1 MiB record may take
+    minutes as long as bytes arrive. A record that does not fit the rest of `view` is opened into a
+    side buffer and handed out over later calls."""
 
     def __init__(self, sock: trio.socket.SocketType, key: bytes, stall_timeout_s: float,
-                 peer: str | None = None) -> None:
-        self.sock, self.stall_timeout_s, self.peer = sock, stall_timeout_s, peer
+                 peer: str | None = None, on_bytes: Callable[[int], None] | None = None) -> None:
+        self.sock, self.stall_timeout_s, self.peer, self.on_bytes = sock, stall_timeout_s, peer, on_bytes
         self._aead = AESGCM(key)
         self._index = 0
         self._sealed = bytearray(RECORD_BYTES + TAG_BYTES)
@@ -192,8 +211,7 @@ class BulkReader:
 
     async def _next_length(self, timeout: float | None) -> int:
         header = memoryview(self._header)
-        with trio.fail_after(timeout) if timeout is not None else trio.CancelScope():
-            await recv_exact(self.sock, header)
+        await recv_exact(self.sock, header, timeout, self.on_bytes)
         (size,) = _U32.unpack(header)
         if not 1 <= size <= RECORD_BYTES:
             raise RemoteProtocolError(Reject.BAD_LENGTH, f"bulk record of {size} bytes (1..{RECORD_BYTES})",
@@ -202,8 +220,7 @@ class BulkReader:
 
     async def _open_into(self, size: int, target: memoryview) -> None:
         sealed = memoryview(self._sealed)[:size + TAG_BYTES]
-        with trio.fail_after(self.stall_timeout_s):
-            await recv_exact(self.sock, sealed)
+        await recv_exact(self.sock, sealed, self.stall_timeout_s, self.on_bytes)
         try:
             self._aead.decrypt_into(_nonce(self._index), sealed, bytes(self._header), target)
         except InvalidTag:
@@ -212,4 +229,4 @@ class BulkReader:
         self._index += 1
 
 
-__all__ = ["MAGIC", "RECORD_BYTES", "BulkReader", "BulkSender", "Ticket", "records", "recv_exact"]
+__all__ = ["MAGIC", "RECORD_BYTES", "BulkReader", "BulkSender", "Ticket", "records", "recv_exact", "send_progress"]

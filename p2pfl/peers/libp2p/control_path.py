@@ -54,6 +54,7 @@ class ControlPath(TransportCore):
     degree: int
     allow: frozenset[str] | None    # peer IDs that may talk to us (None: anyone compatible)
     refusals: dict[str, str]        # peer -> why the last hello failed
+    _reached: dict[str, str]        # peer -> the address we reached it at, or saw it come from
     on_hello: Callable[[str, Hello], None]
     on_control: ControlHandler | None
 
@@ -62,7 +63,7 @@ class ControlPath(TransportCore):
         for pid, h in self.peers.items():
             if pid != exclude:
                 peers.extend(a if "/p2p/" in a else f"{a}/p2p/{pid}" for a in h.addrs[:4])
-        return replace(self.hello_template, round=self.round, degree=self.degree, addrs=tuple(self.listen_addrs()),
+        return replace(self.hello_template, round=self.round, degree=self.degree, addrs=tuple(self.listen_addrs()[:control.MAX_ADDRS]),
                        peers=tuple(peers[:control.MAX_PEERS]))
 
     async def connect(self, addr: str) -> tuple[str, Hello]:
@@ -75,11 +76,17 @@ class ControlPath(TransportCore):
         peer = str(info.peer_id)
         if peer == self.local_id:
             raise ConfigError(f"address {addr} is our own peer ID")
+        # py-libp2p refuses for 60 s to dial a peer whose addresses all failed once; our callers
+        # pace their own dials (backoff, peer-exchange budgets) and try a peer's next address at once
+        self.host.get_network().unblock_peer(info.peer_id)
+        # py-libp2p dials only the first TCP address it knows of a peer: make it this one
+        self.host.get_peerstore().clear_addrs(info.peer_id)
         try:
             with trio.fail_after(self.dial_timeout_s):
                 await self.host.connect(info)
         except Exception as e:  # libp2p raises SwarmException and friends
             raise ConnectionError(_reason(e)[:100]) from None
+        self._reached[peer] = addr if "/p2p/" in addr else f"{addr}/p2p/{peer}"
         self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 0)
         return peer, await self.hello(peer)
 
@@ -103,6 +110,7 @@ class ControlPath(TransportCore):
             problem = "not on our allowlist"
         if problem is not None:
             self.peers.pop(peer, None)
+            self._reached.pop(peer, None)
             self.refusals[peer] = problem
             self._warn(peer, "hello", "%s: hello with %s failed (%s): %s", self.local_id, peer, who, problem)
             raise HelloRefused(f"peer {peer} {who}: {problem}")
@@ -135,6 +143,9 @@ class ControlPath(TransportCore):
             raise ConnectionError(f"control request to {peer} failed: {_reason(e)}") from None
 
     def _accept(self, peer: str, hello: Hello) -> None:
+        reached = self._reached.get(peer)
+        if reached is not None:   # the address that answered (or that it came from) first: others may not route
+            hello = replace(hello, addrs=tuple(dict.fromkeys((reached, *hello.addrs)))[:control.MAX_ADDRS])
         self.peers[peer] = hello
         self.refusals.pop(peer, None)
         addrs = []
@@ -145,6 +156,7 @@ class ControlPath(TransportCore):
             except Exception:
                 continue
         if addrs:
+            self.host.get_peerstore().clear_addrs(ID.from_base58(peer))   # in this order: see `connect`
             self.host.get_peerstore().add_addrs(ID.from_base58(peer), addrs, 0)
         self.on_hello(peer, hello)
         self._notify()
@@ -183,6 +195,7 @@ class ControlPath(TransportCore):
                 reason = control.incompatibility(theirs, ours)   # the same difference, in the other side's words
             if problem is not None:
                 self.peers.pop(peer, None)
+                self._reached.pop(peer, None)
                 self.refusals[peer] = problem
                 self._warn(peer, "refused", "%s: refused hello from %s: %s", self.local_id, peer, problem)
                 return control.refusal(reason or problem)
@@ -190,6 +203,9 @@ class ControlPath(TransportCore):
             if remote:
                 theirs = replace(theirs, addrs=tuple(a.replace("/ip4/0.0.0.0/", f"/ip4/{remote[0]}/")
                                                      for a in theirs.addrs))
+                observed = _observed(str(remote[0]), theirs.addrs, peer)
+                if observed is not None:
+                    self._reached[peer] = observed
             self._accept(peer, theirs)
             return ours.to_wire()
         if peer not in self.peers:
@@ -217,6 +233,18 @@ class ControlPath(TransportCore):
         self._bulk_tickets[ticket.token] = (peer, ticket.key)
         self._bulk_issued[peer] = ticket.token
         return ticket
+
+
+def _observed(ip: str, addrs: tuple[str, ...], peer: str) -> str | None:
+    """The address a dialer is seen from: its connection's IP with the port it listens on (the
+    first TCP port it advertises), which we can route to even when the interface addresses it
+    lists are not all reachable from here. None if it advertises no TCP port."""
+    for a in addrs:
+        parts = a.split("/")
+        if len(parts) >= 5 and parts[3] == "tcp" and parts[4].isdigit():
+            proto = "ip6" if ":" in ip else "ip4"
+            return f"/{proto}/{ip}/tcp/{parts[4]}/p2p/{peer}"
+    return None
 
 
 async def _read_control(stream: Any, peer: str) -> dict[str, Any]:

@@ -17,8 +17,10 @@ transport is one object, and log settings and tests select it by that name.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -77,24 +79,51 @@ class TransportCore:
 
     def listen_addrs(self) -> list[str]:
         """Every address we listen on, with /p2p/<our id>; a wildcard 0.0.0.0 is spelled out as
-        this machine's IPv4 addresses (loopback first), which others can dial."""
+        every IPv4 address of this machine's interfaces, loopback last: a peer on another machine
+        dials them in order, and one on this machine still finds the loopback one."""
         out: list[str] = []
         for a in map(str, self.host.get_addrs()):
             if a.startswith("/ip4/0.0.0.0/"):
-                out.extend(a.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in _local_ipv4())
+                out.extend(a.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in interface_ipv4())
             else:
                 out.append(a)
         return list(dict.fromkeys(out))
 
 
-def _local_ipv4() -> list[str]:
-    ips = ["127.0.0.1"]
+_SIOCGIFADDR = 0x8915   # Linux: an interface's (primary) IPv4 address
+
+
+def interface_ipv4() -> list[str]:
+    """This machine's IPv4 addresses, link-local ones left out, loopback last. On Linux, every
+    interface's address (a machine's host name often resolves to 127.0.0.1 only, or to one of
+    several interfaces); elsewhere, what the host name resolves to."""
+    ips: list[str] = []
     try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
-        ips += [str(info[4][0]) for info in infos]
+        import fcntl
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                try:
+                    req = struct.pack("256s", name.encode()[:15])
+                    ips.append(socket.inet_ntoa(fcntl.ioctl(s.fileno(), _SIOCGIFADDR, req)[20:24]))
+                except OSError:   # no IPv4 address on this interface (or it went away meanwhile)
+                    continue
+    except (ImportError, OSError, AttributeError):   # not Linux: no SIOCGIFADDR
+        pass
+    try:
+        ips += [str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
     except OSError:
         pass
-    return list(dict.fromkeys(ips))
+    return order_addresses([*ips, "127.0.0.1"])
+
+
+def order_addresses(ips: list[str]) -> list[str]:
+    """Distinct addresses, link-local and unspecified ones out, loopback last (stable otherwise)."""
+    keep = []
+    for ip in dict.fromkeys(ips):
+        a = ipaddress.ip_address(ip)
+        if not (a.is_link_local or a.is_unspecified or a.is_multicast):
+            keep.append((a.is_loopback, ip))
+    return [ip for _, ip in sorted(keep, key=lambda k: k[0])]
 
 
 def _reason(e: BaseException) -> str:

@@ -126,7 +126,8 @@ class FramePath(ControlPath):
                     self.stats.send_failures += 1
                     self._pending -= 1
                     self._notify()   # after the count: a flush() waiting on _pending must see it
-                    log.info("%s: frame to %s not sent: %s", self.local_id, peer, _reason(e))
+                    self._warn(peer, "send", "%s: frame of %d bytes to %s not sent: %s", self.local_id, size, peer,
+                               _reason(e))
                     if channel is not None:
                         with trio.move_on_after(1):
                             await channel.aclose()
@@ -166,6 +167,8 @@ class FramePath(ControlPath):
         return _StreamSender(stream, self.write_timeout_s)
 
     # -- receive -----------------------------------------------------------------------------------
+    def _arrived(self, n: int) -> None:
+        self.stats.bytes_arriving += n
     async def _model_handler(self, stream: Any) -> None:
         peer = str(stream.muxed_conn.peer_id)
         if peer not in self.peers:
@@ -175,7 +178,7 @@ class FramePath(ControlPath):
             return
         # no wider than one frame we accept: a sender may have that much in flight, not 16 MiB
         await widen_receive_window(stream, min(MAX_WINDOW_SIZE, self.max_frame_bytes))
-        await self._read_frames(partial(read_exact, stream), peer)
+        await self._read_frames(partial(read_exact, stream, on_bytes=self._arrived), peer)
         with trio.move_on_after(1):
             await stream.reset()
 
@@ -205,7 +208,7 @@ class FramePath(ControlPath):
                 previous.cancel()
             with trio.CancelScope() as scope:
                 self._bulk_conns[peer] = scope
-                reader = bulk.BulkReader(conn.socket, key, self.stall_timeout_s, peer)
+                reader = bulk.BulkReader(conn.socket, key, self.stall_timeout_s, peer, on_bytes=self._arrived)
                 await self._read_frames(reader.read_exact, peer)
             if self._bulk_conns.get(peer) is scope:
                 del self._bulk_conns[peer]

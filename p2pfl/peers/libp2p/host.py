@@ -10,6 +10,7 @@ after 100 partial reads, and a stream signals its end by raising `StreamEOF`, ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -54,9 +55,11 @@ async def widen_receive_window(stream: Any, size: int = MAX_WINDOW_SIZE) -> None
     await muxed.send_window_update(grow)
 
 
-async def read_exact(stream: Any, view: memoryview, stall_timeout_s: float | None) -> None:
+async def read_exact(stream: Any, view: memoryview, stall_timeout_s: float | None,
+                     on_bytes: Callable[[int], None] | None = None) -> None:
     """Fill `view` from `stream`. Every single read must return within `stall_timeout_s` (None:
-    wait forever), else trio.TooSlowError. Raises EndOfStream if the stream ends first."""
+    wait forever), else trio.TooSlowError. Raises EndOfStream if the stream ends first.
+    `on_bytes(n)` is told of every read (a slow frame's progress)."""
     n, size = 0, view.nbytes
     while n < size:
         try:
@@ -75,3 +78,5 @@ async def read_exact(stream: Any, view: memoryview, stall_timeout_s: float | Non
             raise EndOfStream("empty read")
         view[n:n + len(chunk)] = chunk
         n += len(chunk)
+        if on_bytes is not None:
+            on_bytes(len(chunk))

@@ -89,6 +89,7 @@ class Libp2pTransport(FramePath):
         self.stats = TransportStats()
         self.peers = {}
         self.refusals = {}
+        self._reached = {}
         self.on_hello = lambda peer, hello: None
         self.on_control = None
         self.host = make_host(identity, psk=psk)
