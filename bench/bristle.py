@@ -2,7 +2,7 @@
 
 Setting (issue #12): digits, 32 peers on `regular:8`, two data settings (Dirichlet 0.5 and
 `classes:2`), attackers 0% / 10% / 30% running gaussian, label_flip, alie or sign_flip. Rules: Bristle
-(as is, and `bristle_overlap`: `overlap_recall = 0.5`), and mean, median, trimmed_mean, krum (f = 3 = ceil(0.3 * 8) for the last three) on head-only models
+(as configured by default, and `bristle_local`: test samples from the peer's own data, every class judged), and mean, median, trimmed_mean, krum (f = 3 = ceil(0.3 * 8) for the last three) on head-only models
 over the same frozen backbone (an MLP [64] pre-trained on 20% of the training split, held out from
 the peers), plus full-model DFedAvg (`dfedavg_full`: Metropolis-Hastings mixing of the whole MLP,
 no backbone, every training sample). Local SGD lr 0.2, 2 local epochs, one seed.
