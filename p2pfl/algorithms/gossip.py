@@ -53,13 +53,16 @@ class GossipParams:
 
 class Gossip(Algorithm):
     def __init__(self, ctx: Context, params: Any = None) -> None:
-        super().__init__(ctx, params)
+        self._shared_state(ctx, params)   # before the optimizer: it must see the re-homed params
+        self.trainer = LocalTrainer(ctx.model, *unpack(ctx.train_data), ctx.train,
+                                    torch.Generator().manual_seed(ctx.seed))
+
+    def _shared_state(self, ctx: Context, params: Any) -> None:
+        Algorithm.__init__(self, ctx, params)
         self.wire_dtype = params.wire_dtype if isinstance(params, GossipParams) else "f32"
         self._sent: tuple[int, int, Tensor] | None = None   # (t, q, x_i as sent): one conversion per step
-        generator = torch.Generator().manual_seed(ctx.seed)
         self.layout = ParamLayout.of(ctx.model)
-        self.flat = FlatParameters(ctx.model)   # before the optimizer: it must see the re-homed params
-        self.trainer = LocalTrainer(ctx.model, *unpack(ctx.train_data), ctx.train, generator)
+        self.flat = FlatParameters(ctx.model)
         self._bucket_generator = torch.Generator().manual_seed(ctx.seed + 1)
         self.x = self.flat.get()                # x_i: the shared parameters
 
@@ -143,11 +146,7 @@ class ExternalUpdate(Gossip):
     that is not finite is not sent: x_i stays the last one (`non_finite_update`)."""
 
     def __init__(self, ctx: Context, params: Any = None) -> None:
-        Algorithm.__init__(self, ctx, params)   # no LocalTrainer: there is nothing to train on
-        self.layout = ParamLayout.of(ctx.model)
-        self.flat = FlatParameters(ctx.model)
-        self._bucket_generator = torch.Generator().manual_seed(ctx.seed + 1)
-        self.x = self.flat.get()
+        self._shared_state(ctx, params)   # no LocalTrainer: there is nothing to train on
 
     def local_update(self, t: int) -> Mapping[str, Any]:
         x = self.flat.get()

@@ -181,6 +181,9 @@ def load(config: str | Path | None, overrides: dict[str, Any]) -> PeerSettings:
 
 
 def _resumed(values: dict[str, Any], source: str) -> PeerSettings:
+    for key in ("resume", "out"):   # checked before they are used as paths
+        if values.get(key) is not None and not isinstance(values[key], str):
+            raise ConfigError(f"{key}: expected a folder path (a string), got {type(values[key]).__name__}")
     folder = Path(values["resume"])
     given_out = values.get("out")
     if given_out is not None and Path(given_out).resolve() != folder.resolve():
