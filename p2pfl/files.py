@@ -10,11 +10,15 @@ would otherwise make us append to whatever file it names.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TextIO
 
 from p2pfl.errors import ConfigError
@@ -123,3 +127,24 @@ def _not_regular(path: Path) -> str | None:
     if not stat.S_ISREG(mode):
         return "is not a regular file (remove it or pick another output folder)"
     return None
+
+
+def import_file(path: str | Path, prefix: str) -> ModuleType:
+    """Import a user's Python file once per process, under `prefix` + a digest of its resolved path
+    (two files of one name stay apart). FileNotFoundError if it is missing; whatever its code raises
+    propagates, and a failed import leaves no half-made module behind."""
+    resolved = Path(path).resolve()
+    name = prefix + hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None or not resolved.is_file():
+        raise FileNotFoundError(f"no such file: {resolved}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

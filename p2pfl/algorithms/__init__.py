@@ -21,20 +21,17 @@ family runs the float-vector ones).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import importlib.util
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from p2pfl import config
-from p2pfl.algorithms.base import Advice, Algorithm, Context, GossipConfig, Received
+from p2pfl.algorithms.base import Advice, Algorithm, Context, GossipConfig, Received, Wrapper
 from p2pfl.algorithms.frl import FRL, FRLParams
 from p2pfl.algorithms.gossip import Gossip, GossipParams
 from p2pfl.errors import ConfigError
+from p2pfl.files import import_file
 from p2pfl.learn.train import ALGORITHMS as TRAIN_PRESETS
 from p2pfl.robust.attacks import ATTACKS
 
@@ -133,19 +130,7 @@ def load_plugins(plugins: Iterable[str]) -> None:
     for plugin in plugins:
         try:
             if plugin.endswith(".py"):
-                path = Path(plugin).resolve()
-                name = "p2pfl_plugin_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-                if name not in sys.modules:
-                    spec = importlib.util.spec_from_file_location(name, path)
-                    if spec is None or spec.loader is None or not path.is_file():
-                        raise FileNotFoundError(f"no such file: {path}")
-                    module = importlib.util.module_from_spec(spec)
-                    sys.modules[name] = module
-                    try:
-                        spec.loader.exec_module(module)
-                    except BaseException:
-                        del sys.modules[name]
-                        raise
+                import_file(plugin, "p2pfl_plugin_")
             else:
                 importlib.import_module(plugin)
         except Exception as e:   # a user's module: whatever it raises is its import failing
@@ -163,4 +148,4 @@ register("frl", params=FRLParams,
 from p2pfl.algorithms import bristle as _bristle  # noqa: E402,F401 -- registers "bristle" (it imports this registry)
 
 __all__ = ["FRL", "REGISTRY", "Advice", "Algorithm", "Context", "Entry", "Gossip", "GossipConfig", "Received",
-           "build", "check_attack", "get", "load_plugins", "names", "params", "register"]
+           "Wrapper", "build", "check_attack", "get", "load_plugins", "names", "params", "register"]

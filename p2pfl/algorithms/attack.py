@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from p2pfl.algorithms.base import Algorithm, Received, Tensor
+from p2pfl.algorithms.base import Received, Tensor, Wrapper
 from p2pfl.algorithms.gossip import Gossip
 from p2pfl.errors import ConfigError
-from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.robust import attacks as craft
 
 TRAINING = ("sign_flip", "label_flip")              # attackers that run local training
@@ -33,30 +32,17 @@ NEIGHBORHOOD = ("alie", "ipm", "dissensus", "rank_reversal")
 View = tuple[list[str], dict[str, float], float, int, int]
 
 
-class Attacker(Algorithm):
+class Attacker(Wrapper):
     def __init__(self, inner: Gossip, attack: str, params: Mapping[str, Any], seed: int) -> None:
         if attack == "rank_reversal":
             raise ConfigError("attack: 'rank_reversal' reverses rankings; it applies to algorithm 'frl' only")
-        super().__init__(inner.ctx, params)
-        self.inner, self.attack = inner, attack
-        self.neighbors = inner.neighbors
-        self.counters = inner.counters
+        super().__init__(inner, params)
+        self.inner: Gossip = inner
+        self.attack = attack
         self.noise = torch.Generator().manual_seed(seed ^ 0x5EED_B12A)
         self.crafted: dict[str, Tensor | None] = {}
         # this round so far: vectors crafted (one per neighbour and step) and the honest vectors they came from
         self.tally = {"crafted": 0, "crafted_from": 0}
-
-    # the honest algorithm's parts, for the driver's checkpoints and measurements
-    @property
-    def trainer(self) -> Any:
-        return self.inner.trainer
-
-    @property
-    def flat(self) -> Any:
-        return self.inner.flat
-
-    def payloads(self) -> Mapping[str, PayloadSpec]:
-        return self.inner.payloads()
 
     def local_update(self, t: int) -> Mapping[str, Any]:
         if self.attack in TRAINING:
@@ -132,21 +118,3 @@ class Attacker(Algorithm):
             return {"neighbor_distance": 0.0}  # its own model plays no part in what it sends
         return self.inner.combine(t, q, received)
 
-    def end_round(self, t: int) -> None:
-        self.inner.end_round(t)
-
-    def model_loaded(self) -> None:
-        self.inner.model_loaded()
-
-    def vector(self) -> Tensor:
-        return self.inner.vector()
-
-    def set_neighbors(self, weights: Mapping[str, float]) -> None:
-        self.inner.set_neighbors(weights)
-        self.neighbors = self.inner.neighbors
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.inner.load_state_dict(state)

@@ -122,3 +122,57 @@ class Algorithm(ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
+
+class Wrapper(Algorithm):
+    """An algorithm around another one (an attacker, reputation): every call it does not override goes
+    to `inner`, and it shares inner's neighbours and counters, so the driver sees one algorithm."""
+
+    def __init__(self, inner: Algorithm, params: Any = None) -> None:
+        super().__init__(inner.ctx, params)
+        self.inner = inner
+        self.neighbors = inner.neighbors
+        self.counters = inner.counters
+
+    # the inner algorithm's parts, for the driver's checkpoints and measurements
+    @property
+    def trainer(self) -> Any:
+        return getattr(self.inner, "trainer", None)
+
+    @property
+    def flat(self) -> Any:
+        return getattr(self.inner, "flat", None)
+
+    def payloads(self) -> Mapping[str, PayloadSpec]:
+        return self.inner.payloads()
+
+    def local_update(self, t: int) -> Mapping[str, Any]:
+        return self.inner.local_update(t)
+
+    def outgoing(self, t: int, q: int, neighbor: str) -> Mapping[str, Tensor] | None:
+        return self.inner.outgoing(t, q, neighbor)
+
+    def combine(self, t: int, q: int, received: Received) -> Mapping[str, Any]:
+        return self.inner.combine(t, q, received)
+
+    def end_round(self, t: int) -> None:
+        self.inner.end_round(t)
+
+    def model_loaded(self) -> None:
+        self.inner.model_loaded()
+
+    def vector(self) -> Tensor:
+        return self.inner.vector()
+
+    def set_neighbors(self, weights: Mapping[str, float]) -> None:
+        self.inner.set_neighbors(weights)
+        self.neighbors = self.inner.neighbors
+
+    def advice(self) -> Advice:
+        return self.inner.advice()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state)

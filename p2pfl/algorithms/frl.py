@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2pfl.algorithms.base import Algorithm, Context, Received, Tensor
+from p2pfl.algorithms.base import Algorithm, Context, Received, Tensor, Wrapper
 from p2pfl.errors import ConfigError
 from p2pfl.gossip.payloads import PayloadSpec
 from p2pfl.learn.models import FlatParameters
@@ -157,29 +157,17 @@ class FRL(Algorithm):
         return RankAttacker(self, attack, params)
 
 
-class RankAttacker(Algorithm):
+class RankAttacker(Wrapper):
     """rank_reversal: an FRL peer that sends the reverse of the honest rankings' vote (see the module)."""
 
     def __init__(self, inner: FRL, attack: str, params: Mapping[str, Any]) -> None:
-        super().__init__(inner.ctx, params)
-        self.inner, self.attack = inner, attack
-        self.neighbors, self.counters = inner.neighbors, inner.counters
+        super().__init__(inner, params)
+        self.inner: FRL = inner
+        self.attack = attack
         self.crafted: dict[str, Tensor] = {}
         self.tally = {"crafted": 0, "crafted_from": 0}
 
-    @property
-    def trainer(self) -> LocalTrainer:
-        return self.inner.trainer
-
-    @property
-    def flat(self) -> FlatParameters:
-        return self.inner.flat
-
-    def payloads(self) -> Mapping[str, PayloadSpec]:
-        return self.inner.payloads()
-
-    def local_update(self, t: int) -> Mapping[str, Any]:
-        return self.inner.local_update(t)   # benign rankings on its own data, as the authors' attackers
+    # local_update: the inner one's, benign rankings on its own data, as the authors' attackers
 
     def craft(self, x: Tensor, neighbors: Iterable[str], targets: list[str], *, source: str | None = None,
               views: Mapping[str, Any] | None = None, got: Mapping[str, Tensor] | None = None) -> None:
@@ -205,18 +193,3 @@ class RankAttacker(Algorithm):
     def outgoing(self, t: int, q: int, neighbor: str) -> Mapping[str, Tensor] | None:
         return {"ranks": self.crafted.get(neighbor, self.inner.wire())}
 
-    def combine(self, t: int, q: int, received: Received) -> Mapping[str, Any]:
-        return self.inner.combine(t, q, received)
-
-    def end_round(self, t: int) -> None:
-        self.inner.end_round(t)
-
-    def model_loaded(self) -> None:
-        self.inner.model_loaded()
-
-    def vector(self) -> Tensor:
-        return self.inner.vector()
-
-    def set_neighbors(self, weights: Mapping[str, float]) -> None:
-        self.inner.set_neighbors(weights)
-        self.neighbors = self.inner.neighbors

@@ -52,9 +52,8 @@ from typing import Any
 import torch
 
 from p2pfl import config
-from p2pfl.algorithms.base import Advice, Algorithm, Received, Tensor
+from p2pfl.algorithms.base import Advice, Algorithm, Received, Tensor, Wrapper
 from p2pfl.errors import ConfigError
-from p2pfl.gossip.payloads import PayloadSpec
 
 
 @dataclass(frozen=True)
@@ -139,14 +138,12 @@ def top_fraction(update_: Tensor, q: float) -> Tensor:
     return out
 
 
-class Reputation(Algorithm):
+class Reputation(Wrapper):
     """RFFL reputations around `inner` (see the module docstring)."""
 
     def __init__(self, inner: Algorithm, p: ReputationParams) -> None:
-        super().__init__(inner.ctx, p)
-        self.inner, self.p = inner, p
-        self.neighbors = inner.neighbors
-        self.counters = inner.counters
+        super().__init__(inner, p)
+        self.p = p
         size = inner.vector().numel()
         kinds = [k for k, s in inner.payloads().items() if s.dtype == "f32" and s.count == size]
         if not kinds:
@@ -161,18 +158,6 @@ class Reputation(Algorithm):
         self.opposed: set[str] = set()      # this round: phi < 0, left out of the aggregate
         self.clipped: dict[str, Tensor] = {}  # this round's clipped updates g_j
         self.last_sent: dict[str, Tensor] = {}  # each neighbour's (and our own) vector of the last round
-
-    # the inner algorithm's parts, for the driver's checkpoints and measurements
-    @property
-    def trainer(self) -> Any:
-        return getattr(self.inner, "trainer", None)
-
-    @property
-    def flat(self) -> Any:
-        return getattr(self.inner, "flat", None)
-
-    def payloads(self) -> Mapping[str, PayloadSpec]:
-        return self.inner.payloads()
 
     def local_update(self, t: int) -> Mapping[str, Any]:
         self.round = t
@@ -238,18 +223,8 @@ class Reputation(Algorithm):
             self.counters["reputation_removed"] += 1
         return phi
 
-    def end_round(self, t: int) -> None:
-        self.inner.end_round(t)
-
-    def model_loaded(self) -> None:
-        self.inner.model_loaded()
-
-    def vector(self) -> Tensor:
-        return self.inner.vector()
-
     def set_neighbors(self, weights: Mapping[str, float]) -> None:
-        self.inner.set_neighbors(weights)
-        self.neighbors = self.inner.neighbors
+        super().set_neighbors(weights)
         kept = {j: v for j, v in self.r.items() if j in weights}
         mean = sum(kept.values()) / len(kept) if kept else 1.0
         self.r = _normalised({j: kept.get(j, mean) for j in weights if j not in self.removed})

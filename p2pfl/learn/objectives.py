@@ -16,20 +16,18 @@ tables and plots read) and its name under `metric`; `mse` is lower-is-better, th
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import os
 import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 
 from p2pfl.errors import ConfigError
+from p2pfl.files import import_file
 
 Tensor = torch.Tensor
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -76,21 +74,7 @@ def resolve(spec: str, key: str) -> Any:
 
 
 def _import_file(path_text: str) -> Any:
-    path = Path(path_text).resolve()
-    name = "p2pfl_user_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None or not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    return import_file(path_text, "p2pfl_user_")
 
 
 def _mse(output: Tensor, target: Tensor) -> Tensor:
