@@ -18,9 +18,7 @@ Three background jobs (`Node.main` starts them):
   degree, so we mix with Metropolis-Hastings weights as the simulator does; otherwise we ask
   known peers for a link (`link` control request) until we have `degree`, in an order both sides
   agree on (a hash of the pair and the seed), accept up to degree + 2 incoming requests, and mix
-  uniformly (degrees still change). A fixed neighbour removed on the algorithm's advice (reputation)
-  leaves its slot to a replacement: the peer re-hellos at once, dials the peers it learns of and
-  asks them for a link, and a fixed-overlay peer accepts a link only into such a slot of its own.
+  uniformly (degrees still change).
 Before each round the node applies neighbour changes (`_apply_neighbors`; before round 0 they
 apply at once, as hellos and links arrive): a neighbour that missed SUSPECT_AFTER rounds in a row
 is set aside for 2, 4, 8 ... 64 rounds, then gets one more chance; a hello does not clear its
@@ -120,19 +118,6 @@ class Membership:
     def _active(self) -> set[str]:
         return {p for p in self.links if p in self.transport.peers and p not in self.benched}
 
-    def _slots(self) -> int:
-        """Link slots: `degree`, or on a fixed overlay one per fixed neighbour."""
-        return len(self.explicit) if self.explicit else self.s.degree
-
-    def _picking(self) -> bool:
-        """Whether links are picked at run time: always without --neighbors; on a fixed overlay only
-        while a fixed neighbour removed on the algorithm's advice leaves its slot to a replacement."""
-        return not self.explicit or bool(self.explicit & self.advised)
-
-    def _free_slot(self) -> bool:
-        self._prune_links()
-        return self._picking() and len(self.links - self.benched.keys()) < self._slots()
-
     def _apply_neighbors(self) -> None:
         self.suspicion.release(self.peer.round)   # back on probation: one more missed round sets it aside again
         drop = self.peer.algorithm.advice().drop
@@ -147,10 +132,8 @@ class Membership:
             self.advised.add(p)
             self.benched[p] = DROPPED if self.removal_rounds is None else self.peer.round + self.removal_rounds
             log.info("neighbour %s dropped on the algorithm's advice", p)
-            if self._nursery is not None:
-                if p in self.transport.peers:
-                    self._nursery.start_soon(self._tell_removed, p)
-                self._nursery.start_soon(self._refresh)   # look for a replacement now, not at the next pass
+            if self._nursery is not None and p in self.transport.peers:
+                self._nursery.start_soon(self._tell_removed, p)
         self._prune_links()
         active = self._active()
         if active != set(self.peer.tracker.neighbors):
@@ -171,11 +154,12 @@ class Membership:
         if self._nursery is None:
             return
         known = self.dialing | set(self.transport.peers)
-        addrs = [a for a in hello.peers if self._picking() or _peer_of(a) in self.explicit]
+        addrs = [a for a in hello.peers if not self.explicit or _peer_of(a) in self.explicit]
         for addr, other in self.exchange.pick(peer, addrs, time.monotonic(), known):
             self.dialing.add(other)
             self._nursery.start_soon(self._dial_once, [addr, *self.exchange.alternatives(other, addrs)], other)
-        if peer not in self.links and peer not in self.benched and self._free_slot():
+        if not self.explicit and peer not in self.links and peer not in self.benched and \
+                len(self.links) < self.s.degree:
             self._nursery.start_soon(self._ask_link, peer)
         if self.peer.round == self.first_round and self._train_scope is not None and self.peer.tracker.current[0] < 0:
             self._apply_neighbors()    # before round 0, neighbours join at once
@@ -233,9 +217,10 @@ class Membership:
 
     def _missing(self) -> bool:
         """A wanted neighbour is missing: an explicit one we have no hello from, or too few links."""
-        if any(p not in self.transport.peers for p in self.explicit - self.advised):
-            return True
-        return self._free_slot()
+        if self.explicit:
+            return any(p not in self.transport.peers for p in self.explicit)
+        self._prune_links()
+        return len(self.links) < self.s.degree
 
     async def _refresh(self) -> None:
         """One maintenance pass: re-hello (peer exchange rides on the replies), then ask for links."""
@@ -247,10 +232,11 @@ class Membership:
                 await self.transport.hello(p)
             except (ConnectionError, HelloRefused) as e:
                 self._throttle.warning(("refresh", p), "re-hello with %s failed: %s", p, printable(str(e), 200))
-        for p in self._candidates():
-            if not self._free_slot():
-                break
-            await self._ask_link(p)
+        if not self.explicit and len(self.links) < self.s.degree:
+            for p in self._candidates():
+                if len(self.links) >= self.s.degree:
+                    break
+                await self._ask_link(p)
 
     def _candidates(self) -> list[str]:
         me = self.identity.peer_id
@@ -261,7 +247,8 @@ class Membership:
         return sorted((p for p in self.transport.peers if p not in self.links and p not in self.benched), key=rank)
 
     async def _ask_link(self, peer: str) -> None:
-        if peer in self.links or peer in self.benched or not self._free_slot():
+        self._prune_links()
+        if peer in self.links or peer in self.benched or len(self.links) >= self.s.degree:
             return
         try:
             reply = await self.transport.request(peer, {"t": "link"})
@@ -278,11 +265,9 @@ class Membership:
         if msg["t"] == "link":
             # a set-aside peer cannot take a slot back before its time is up: identities that send
             # nothing cannot hold all our slots against peers that do
-            # a fixed overlay takes a link only into the slot of a neighbour it removed itself
             self._prune_links()
-            slack = 0 if self.explicit else 2
-            ok = self._picking() and peer not in self.benched and \
-                (peer in self.links or len(self.links - self.benched.keys()) < self._slots() + slack)
+            ok = not self.explicit and peer not in self.benched and \
+                (peer in self.links or len(self.links) < self.s.degree + 2)
             if ok:
                 self.links.add(peer)
                 if self.peer.tracker.current[0] < 0:
