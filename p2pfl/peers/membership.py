@@ -230,7 +230,9 @@ class Membership:
         for p in sorted(targets):
             try:
                 await self.transport.hello(p)
-            except (ConnectionError, HelloRefused) as e:
+            except HelloRefused as e:   # the transport has already warned (throttled) or counted why
+                log.debug("re-hello with %s refused: %s", p, printable(str(e), 200))
+            except ConnectionError as e:
                 self._throttle.warning(("refresh", p), "re-hello with %s failed: %s", p, printable(str(e), 200))
         if not self.explicit and len(self.links) < self.s.degree:
             for p in self._candidates():
