@@ -22,15 +22,15 @@ sent divided by peers x rounds. Finished runs are cached (`--cache`), so an inte
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import logging
-import multiprocessing as mp
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from matrix import run_cached  # bench/matrix.py (a script's folder is on sys.path)
 
 ATTACKS = ("gaussian", "label_flip", "alie", "sign_flip")
 DATA = ("dirichlet:0.5", "classes:2")
@@ -77,30 +77,6 @@ def run_one(rule: str, data: str, attack: str, fraction: float, rounds: int, bac
             "honest_mean": summary["honest_accuracy"]["mean"], "honest_min": summary["honest_accuracy"]["min"],
             "curve": curve, "bytes_per_peer_round": summary["bytes_sent"] / (BASE["peers"] * rounds),
             "attackers": summary["attackers"], "wall_s": round(time.perf_counter() - start, 2)}
-
-
-def run_matrix(jobs: list[tuple[Any, ...]], cache: Path, workers: int) -> dict[str, dict[str, Any]]:
-    done: dict[str, dict[str, Any]] = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["key"]] = r
-    todo = [j for j in jobs if key(*j[:5], j[6]) not in done]
-    print(f"# {len(jobs)} runs, {len(jobs) - len(todo)} cached, {len(todo)} to run on {workers} worker(s)",
-          file=sys.stderr, flush=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(cache, "a") as fh, cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, *j) for j in todo]
-        for n, fut in enumerate(cf.as_completed(futures), 1):
-            r = fut.result()
-            done[r["key"]] = r
-            fh.write(json.dumps(r) + "\n")
-            fh.flush()
-            if n % 6 == 0 or n == len(todo):
-                print(f"# {n}/{len(todo)} runs, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return done
 
 
 def cells(done: dict[str, dict[str, Any]], jobs: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
@@ -247,7 +223,7 @@ def main() -> None:
     where = str(args.backbone.resolve())
     jobs = [(ru, d, "none", 0.0, rounds, where, bb.hash) for d in data for ru in rules]
     jobs += [(ru, d, a, f, rounds, where, bb.hash) for f in fractions for d in data for a in attacks for ru in rules]
-    done = run_matrix(jobs, args.cache, args.workers)
+    done = run_cached(jobs, args.cache, args.workers, run_one, lambda j: key(*j[:5], j[6]), report_every=6)
     rows = cells(done, jobs)
     for row in rows:
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)

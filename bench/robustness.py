@@ -19,16 +19,16 @@ its heatmap PNG beside it; text below the `<!-- notes -->` line of an existing r
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import logging
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from matrix import run_cached  # bench/matrix.py (a script's folder is on sys.path)
 
 ATTACKS = ("sign_flip", "gaussian", "label_flip", "alie", "ipm", "dissensus", "free_rider", "silent", "mimic")
 # rule -> (f, params): the largest f the rule allows on degree 8 (n = 9), capped at ceil(0.3 * 8) = 3
@@ -72,30 +72,6 @@ def run_one(attack: str, rule: str, fraction: float, seed: int, rounds: int) -> 
             "attackers": summary["attackers"], "byzantine_neighbors": summary["byzantine_neighbors"],
             "too_few_inputs": summary["rejected"].get("too_few_inputs", 0),
             "wall_s": round(time.perf_counter() - start, 2)}
-
-
-def run_matrix(jobs: list[tuple[str, str, float, int, int]], cache: Path, workers: int) -> dict[str, dict[str, Any]]:
-    done: dict[str, dict[str, Any]] = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["key"]] = r
-    todo = [j for j in jobs if key(*j) not in done]
-    print(f"# {len(jobs)} runs, {len(jobs) - len(todo)} cached, {len(todo)} to run on {workers} worker(s)",
-          file=sys.stderr, flush=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(cache, "a") as fh, cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, *j) for j in todo]
-        for n, fut in enumerate(cf.as_completed(futures), 1):
-            r = fut.result()
-            done[r["key"]] = r
-            fh.write(json.dumps(r) + "\n")
-            fh.flush()
-            if n % 10 == 0 or n == len(todo):
-                print(f"# {n}/{len(todo)} runs, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return done
 
 
 def cells(done: dict[str, dict[str, Any]], attacks: tuple[str, ...], rules: tuple[str, ...],
@@ -217,7 +193,7 @@ def main() -> None:
     jobs += [(a, r, fr, s, rounds) for fr in sorted(fractions, reverse=True) for a in attacks for r in rules
              for s in seeds]
     start = time.perf_counter()
-    done = run_matrix(jobs, args.cache, args.workers)
+    done = run_cached(jobs, args.cache, args.workers, run_one, lambda j: key(*j), report_every=10)
     rows = cells(done, attacks, rules, fractions, seeds, rounds)
     for row in rows:
         print(json.dumps(row), flush=True)

@@ -98,21 +98,21 @@ def _read_lines(path: str, what: str) -> list[str]:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
 
 
-def shard_data(s: PeerSettings, i: int, n: int,
-               device: torch.device) -> tuple[Data, Data | None, tuple[int, ...], int | None]:
-    """Shard i of n, the test data, one sample's shape and the number of outputs: a built-in dataset
-    split as the simulator splits it, or what the user's loader (`dataset = "pkg.module:loader"`)
-    returns for the shard (the Peer moves its tensors to the model's device)."""
+def shard_data(s: PeerSettings, i: int, n: int, device: torch.device, frozen: backbone.Backbone | None
+               ) -> tuple[Data, Data | None, tuple[int, ...], int | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Shard i of n, the test data, one sample's shape, the number of outputs and the backbone's
+    public part (None without one): a built-in dataset split as the simulator splits it (without the
+    public part), or what the user's loader (`dataset = "pkg.module:loader"`) returns for the shard,
+    which has no public part (the Peer moves its tensors to the model's device)."""
     if is_import_string(s.dataset):
         user = load_user_data(s.dataset, i, n, s.seed, batch_size=s.batch_size)
-        return user.train, user.test, user.input_shape, user.num_classes
+        return user.train, user.test, user.input_shape, user.num_classes, None
     rng = np.random.default_rng(s.seed)            # the simulator's order: data, then partition
     data = load_dataset(s.dataset, seed=s.seed)
-    frozen = backbone.load(s.backbone) if s.backbone else None
     shard = backbone.peer_shards(data.y_train, n, s.partition, rng, frozen)[i]
     to = lambda a: torch.from_numpy(np.array(a)).to(device)   # copy: cached arrays are read-only
     return ((to(data.x_train[shard]), to(data.y_train[shard])), (to(data.x_test), to(data.y_test)),
-            data.input_shape, data.num_classes)
+            data.input_shape, data.num_classes, backbone.public_data(data.x_train, data.y_train, frozen))
 
 
 class Node(Membership):
@@ -132,15 +132,11 @@ class Node(Membership):
             torch.set_num_threads(s.threads)
         self.identity = identity_of(s, self.report)
         i, n = s.shard_index()
-        train, test, input_shape, num_classes = shard_data(s, i, n, self.device)
+        frozen = backbone.load(s.backbone) if s.backbone else None
+        train, test, input_shape, num_classes, reference = shard_data(s, i, n, self.device, frozen)
         model = build_model(s.model, input_shape, num_classes, hidden=s.hidden, seed=s.seed)
-        reference = None
-        if s.backbone:
-            frozen = backbone.load(s.backbone)
+        if frozen is not None:
             frozen.attach(model)   # only the head stays trainable, so only the head is gossiped
-            if not is_import_string(s.dataset):   # the public part every peer holds alike
-                data = load_dataset(s.dataset, seed=s.seed)
-                reference = backbone.public_data(data.x_train, data.y_train, frozen)
         model = model.to(self.device)
         self.schema = ParamLayout.of(model).schema
         psk = s.network_psk()

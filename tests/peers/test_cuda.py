@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import trio
-import trio.testing
 from torch import nn
 
 from p2pfl import Identity, MemoryNetwork, Peer, PeerConfig, TrainConfig
+from p2pfl.testing import run_peers
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
 
@@ -32,17 +31,7 @@ def _peers(device: str, rounds: int, count_host_copies: list[int] | None = None)
                           neighbors={o.peer_id: None for o in ids if o is not ident}, test_data=(x, (x[:, 0] > 0).long()),
                           config=PeerConfig(train=TrainConfig(lr=0.1, local_steps=5), aggregator="trimmed_mean", f=0,
                                             seed=i), offload=False))
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            for p in peers:
-                nursery.start_soon(one, p)
-
-    async def one(p: Peer) -> None:
-        async with p:
-            await p.train(rounds)
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_peers(peers, rounds)   # under a MockClock that jumps whenever every task is blocked
     return peers
 
 
