@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                # the peers share one loop and run inline, so the run is sequential: all that is not
                # training (encode, sign, check, decode, aggregate) is the rest of the wall time
                "train_fraction": sum(train_s.values()) / (previous - start),
-               "on_device": all(q.device == device for p in peers for q in p.model.parameters())
-               and all(p.vector.device == device for p in peers)}
+               # by type: torch.device("cuda") != the tensors' torch.device("cuda:0")
+               "on_device": all(q.device.type == device.type for p in peers for q in p.model.parameters())
+               and all(p.vector.device.type == device.type for p in peers)}
     print(json.dumps(summary), flush=True)
     return summary
 
