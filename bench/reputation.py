@@ -13,8 +13,11 @@ honest peers?); 12 rounds. One JSON line per cell:
 {"defense", "rule", "data", "attack", "fraction", "honest_accuracy_mean", "honest_accuracy_min",
 "removal_rounds_median", "removal_rounds_max", "honest_removed", "max_byzantine_neighbors_final", "fairness",
 "accuracy_per_round"}. Removal rounds count rounds until every initial honest neighbour of an attacker has
-removed it (null if never, for any attacker: max; median over those removed). `fairness` is not measured
-here (null): it needs standalone runs per peer.
+removed it (null if never, for any attacker: max; median over those removed). `fairness` (cells with
+`"fair_rewards": true`, one per data setting and rule without attackers, and one at the first fraction
+against sign_flip; `--no-fairness` skips them) is the Pearson correlation, over the honest peers, between
+each peer's standalone accuracy (the same model and trainer on its own shard alone, same rounds) and its
+final accuracy with reputation and fair rewards; null in the other cells.
 """
 
 from __future__ import annotations
@@ -35,7 +38,39 @@ RULES: dict[str, tuple[int, dict[str, Any]]] = {"self_centered_clip": (3, {"tau"
                                                 "mixing": (0, {})}
 
 
-def run_cell(defense: str, rule: str, data: str, attack: str, fraction: float, rounds: int) -> dict[str, Any]:
+def standalone(s: Any) -> list[float]:
+    """Each peer's test accuracy after training alone on its shard for the scenario's rounds (the
+    engine's model, trainer, batch order and seed per peer)."""
+    import copy
+
+    import torch
+
+    from p2pfl.learn.train import LocalTrainer, evaluate, unpack
+    from p2pfl.sim import engine
+
+    setup = engine.Setup.build(s)
+    test = setup.test_data()
+    out = []
+    for i in range(s.peers):
+        model = copy.deepcopy(setup.init)
+        trainer = LocalTrainer(model, *unpack(setup.train_data(i)), s.train_config(),
+                               torch.Generator().manual_seed(s.seed * 100_003 + i))
+        for t in range(s.rounds):
+            trainer.train_round(t)
+        out.append(evaluate(model, *unpack(test), loss=s.loss_fn, metric=s.metric)[0])
+    return out
+
+
+def pearson(a: list[float], b: list[float]) -> float | None:
+    import numpy as np
+
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def run_cell(defense: str, rule: str, data: str, attack: str, fraction: float, rounds: int,
+             fair: bool = False) -> dict[str, Any]:
     import torch
 
     from p2pfl.sim import engine, scenario
@@ -50,6 +85,8 @@ def run_cell(defense: str, rule: str, data: str, attack: str, fraction: float, r
         values["attack_params"] = {"mode": "noise"}
     if defense == "rffl":
         values["reputation"] = True
+        if fair:
+            values["reputation_params"] = {"fair_rewards": True}
     s = scenario.build(values)
     with tempfile.TemporaryDirectory() as out:
         summary = engine.run(s, out)
@@ -67,14 +104,25 @@ def run_cell(defense: str, rule: str, data: str, attack: str, fraction: float, r
     got = [r for r in removal if r is not None]
     curve = [e.get("accuracy_mean") for e in events if e["kind"] == "consensus"]
     final_byz = summary.get("byzantine_neighbors_final", summary["byzantine_neighbors"])["max"]
+    fairness = None
+    if fair:
+        alone = standalone(s)
+        last: dict[int, tuple[int, float]] = {}
+        for e in events:
+            if e["kind"] == "round" and e.get("accuracy") is not None and e["peer"] not in byz:
+                if e["round"] >= last.get(e["peer"], (-1, 0.0))[0]:
+                    last[e["peer"]] = (e["round"], e["accuracy"])
+        honest = sorted(last)
+        fairness = pearson([alone[i] for i in honest], [last[i][1] for i in honest])
     return {"defense": defense, "rule": rule, "data": data, "attack": attack, "fraction": fraction,
+            "fair_rewards": fair,
             "honest_accuracy_mean": summary["honest_accuracy"]["mean"],
             "honest_accuracy_min": summary["honest_accuracy"]["min"],
             "removal_rounds_median": statistics.median(got) if got else None,
             "removal_rounds_max": max(got) if got and len(got) == len(removal) else None,
             "honest_removed": sum(1 for e in unlinks if e["peer"] not in byz and e["other"] not in byz)
             if defense == "rffl" else 0,
-            "max_byzantine_neighbors_final": final_byz, "fairness": None,
+            "max_byzantine_neighbors_final": final_byz, "fairness": fairness,
             "accuracy_per_round": curve, "wall_s": summary["wall_s"]}
 
 
@@ -87,6 +135,7 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=["dirichlet:0.5"])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-fairness", action="store_true", help="skip the fair-rewards cells (standalone runs)")
     ap.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     ap.add_argument("--md", type=Path, help="write a markdown table and reputation-curves.png beside it")
     args = ap.parse_args()
@@ -96,10 +145,13 @@ def main() -> None:
     jobs = [(d, r, data, a, fr, args.rounds) for data in args.data for r in args.rules for fr in args.fractions
             for a in args.attacks for d in ("none", "rffl")]
     jobs += [("rffl", r, "iid", "none", 0.0, args.rounds) for r in args.rules]
+    if not args.no_fairness:
+        jobs += [("rffl", r, data, "none", 0.0, args.rounds, True) for data in args.data for r in args.rules]
+        jobs += [("rffl", args.rules[0], args.data[0], "sign_flip", args.fractions[0], args.rounds, True)]
     sink = open(args.out, "w") if args.out else None
     cells = []
     with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
-        for cell in pool.map(run_cell, *zip(*jobs)):
+        for cell in pool.map(run_cell, *zip(*[j if len(j) == 7 else (*j, False) for j in jobs])):
             cells.append(cell)
             line = json.dumps(cell)
             print(line, flush=True)
@@ -123,7 +175,7 @@ def write_md(cells: list[dict[str, Any]], path: Path, argv: str) -> None:
 
     rows = ["| data | rule | attack | fraction | none: mean (worst) | rffl: mean (worst) | removal rounds median / max "
             "| honest removed | most Byzantine neighbours at the end (none / rffl) |", "|---" * 9 + "|"]
-    by = {(c["defense"], c["rule"], c["data"], c["attack"], c["fraction"]): c for c in cells}
+    by = {(c["defense"], c["rule"], c["data"], c["attack"], c["fraction"]): c for c in cells if not c["fair_rewards"]}
     for (d, rule, data, attack, fr), c in sorted(by.items(), key=lambda kv: kv[0][1:]):
         if d != "rffl":
             continue
@@ -133,12 +185,20 @@ def write_md(cells: list[dict[str, Any]], path: Path, argv: str) -> None:
                     + f" | {_f(c['honest_accuracy_mean'])} ({_f(c['honest_accuracy_min'], 2)}) | "
                     f"{_f(c['removal_rounds_median'])} / {_f(c['removal_rounds_max'])} | {c['honest_removed']} | "
                     f"{n['max_byzantine_neighbors_final'] if n else '-'} / {c['max_byzantine_neighbors_final']} |")
+    fair = [c for c in cells if c["fair_rewards"]]
+    if fair:
+        rows += ["", "Fair rewards (`fair_rewards = true`): Pearson correlation between each honest peer's "
+                 "standalone accuracy and its final accuracy.", "",
+                 "| data | rule | attack | fraction | mean (worst) | fairness |", "|---" * 6 + "|"]
+        rows += [f"| {c['data']} | {c['rule']} | {c['attack']} | {c['fraction']:g} | "
+                 f"{_f(c['honest_accuracy_mean'])} ({_f(c['honest_accuracy_min'], 2)}) | {_f(c['fairness'])} |"
+                 for c in fair]
     attacks = sorted({c["attack"] for c in cells if c["fraction"] > 0})
     fig, axes = plt.subplots(1, max(1, len(attacks)), figsize=(3.2 * max(1, len(attacks)), 3.2), dpi=100,
                              sharey=True, squeeze=False)
     for ax, attack in zip(axes[0], attacks):
         for c in cells:
-            if c["attack"] == attack and c["fraction"] > 0:
+            if c["attack"] == attack and c["fraction"] > 0 and not c["fair_rewards"]:
                 pts = [(t + 1, a) for t, a in enumerate(c["accuracy_per_round"]) if a is not None]
                 ax.plot(*zip(*pts), marker=".", label=c["defense"])
         ax.set_title(attack)

@@ -370,6 +370,11 @@ def peer(
     from p2pfl.peers import settings as peer_settings
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # P2PFL_LOG=INFO (or DEBUG) shows the peer's membership decisions: links, removals, set-asides
+    level = os.environ.get("P2PFL_LOG", "WARNING").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        _fail(f"P2PFL_LOG: unknown level {level!r}; allowed: DEBUG, INFO, WARNING, ERROR")
+    logging.getLogger("p2pfl").setLevel(level)
     overrides: dict[str, Any] = dict(
         key=key, listen=tuple(listen or ()), bootstrap=tuple(bootstrap or ()),
         neighbors=tuple(n for n in (neighbors or "").split(",") if n), degree=degree, min_neighbors=min_neighbors,

@@ -55,7 +55,7 @@ class LearningSettings:
     # reputation (p2pfl.algorithms.reputation): wraps the algorithm; the drivers rewire on its advice
     reputation: bool = field(default=False, metadata={"help": "RFFL reputation per neighbour, removal and rewiring"})
     reputation_params: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "alpha, beta, gamma, fair_rewards, removal_rounds, min_degree as a JSON object"})
+        "help": "alpha, beta, gamma, fair_rewards, removal_rounds, min_degree, grace_rounds as a JSON object"})
     # local training (p2pfl.learn.train.TrainConfig)
     lr: float = field(default=0.2, metadata={"help": "local learning rate"})
     lr_decay: float = field(default=1.0, metadata={"help": "lr at round t is lr * lr_decay**t"})

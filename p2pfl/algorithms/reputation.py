@@ -5,8 +5,8 @@ Theory of operation: each peer i keeps a reputation r_ij for each current neighb
 the first gossip step, for every neighbour j that sent its vector x_j:
 
     g_j   = clip(x_j - s_j, Gamma)          s_j: what j sent the round before (its own change, whatever
-                                            the models' disagreement); a first-time sender: x_i(t-1),
-                                            i's vector when round t began. g_i likewise for i itself.
+                                            the models' disagreement); in round 0, x_i(t-1) (every
+                                            model starts from the same seed). g_i likewise for i.
     g_agg = g_i / 2 + sum_j r_ij g_j / (2 sum_j r_ij)
                                             reputation-weighted (round 0: uniform), i's own update half
                                             of it: a peer with a Byzantine majority still measures
@@ -26,7 +26,14 @@ x_i(t-1) instead let sign-flipped models look like shrinking updates and score w
 A removed neighbour's frames are no longer aggregated (the inner algorithm never sees them); it is in
 `advice().drop` for `removal_rounds` rounds (None: the rest of the run) and the driver unlinks it and
 looks for a replacement. A new neighbour (`set_neighbors`) starts at the mean reputation of the
-current ones. Because r is normalised and a neighbour is removed only below 1/3 of the mean, at least
+current ones and stays there for `grace_rounds` rounds before its scores move it. From its first
+frame we learn only its baseline s_j: that round it is neither scored nor aggregated. In the next
+rounds it is scored, and left out of the aggregate where opposed (phi < 0), but cannot lose
+reputation: two peers that just linked pull towards each other's models, so each one's change
+points against the other's until the link has mixed them (measured in a 4-process ring: the
+replacement link, honest on both sides, was removed two rounds after it formed). After a resume
+every neighbour is new in that sense: the baselines are not checkpointed.
+Because r is normalised and a neighbour is removed only below 1/3 of the mean, at least
 one neighbour is always above the threshold: the wrapper never removes all. Keeping the overlay
 connected (a minimum degree, replacements) is the driver's job (`p2pfl.sim.rewire`, membership).
 
@@ -68,6 +75,7 @@ class ReputationParams:
     fair_rewards: bool = False         # send each neighbour only the top q_j of the update
     removal_rounds: int | None = None  # how long a removal lasts (None: the rest of the run)
     min_degree: int = 2                # the driver never unlinks below this unless a replacement links
+    grace_rounds: int = 3              # a new neighbour's first scored rounds: its reputation stays at the mean
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha < 1:
@@ -81,6 +89,8 @@ class ReputationParams:
                               f"got {self.removal_rounds}")
         if self.min_degree < 1:
             raise ConfigError(f"reputation_params.min_degree: must be >= 1, got {self.min_degree}")
+        if self.grace_rounds < 1:
+            raise ConfigError(f"reputation_params.grace_rounds: must be >= 1, got {self.grace_rounds}")
 
 
 def params(values: Mapping[str, Any] | None) -> ReputationParams:
@@ -102,14 +112,14 @@ def cosine(a: Tensor, b: Tensor) -> float:
     return 0.0 if na == 0 or nb == 0 else float(torch.dot(a, b)) / (na * nb)
 
 
-def update(r: Mapping[str, float], phi: Mapping[str, float], alpha: float, beta: float
-           ) -> tuple[dict[str, float], set[str]]:
+def update(r: Mapping[str, float], phi: Mapping[str, float], alpha: float, beta: float,
+           keep: frozenset[str] = frozenset()) -> tuple[dict[str, float], set[str]]:
     """One RFFL step over the neighbours in `phi` (those that sent): EMA, clamp at 0, normalise, remove
-    below beta / deg, renormalise. Neighbours in r that did not send keep their value (then normalised
-    with the rest). Returns (new reputations of the kept, removed)."""
+    below beta / deg (except those in `keep`), renormalise. Neighbours in r that did not send keep
+    their value (then normalised with the rest). Returns (new reputations of the kept, removed)."""
     new = {j: max(0.0, alpha * r[j] + (1 - alpha) * phi[j]) if j in phi else r[j] for j in r}
     new = _normalised(new)
-    removed = {j for j, v in new.items() if v < beta / len(new)}
+    removed = {j for j, v in new.items() if v < beta / len(new) and j not in keep}
     if len(removed) == len(new):   # all zero: nothing to tell them apart
         removed = set()
     return _normalised({j: v for j, v in new.items() if j not in removed}), removed
@@ -155,9 +165,10 @@ class Reputation(Wrapper):
         self.round = 0
         self.x_prev = inner.vector().clone()
         self.first = True                   # round 0 (of this run): uniform weights
-        self.opposed: set[str] = set()      # this round: phi < 0, left out of the aggregate
+        self.opposed: set[str] = set()      # this round: phi < 0 or no baseline yet, left out of the aggregate
         self.clipped: dict[str, Tensor] = {}  # this round's clipped updates g_j
         self.last_sent: dict[str, Tensor] = {}  # each neighbour's (and our own) vector of the last round
+        self.frames: dict[str, int] = {}    # a neighbour's frames scored so far (its age, for grace_rounds)
 
     def local_update(self, t: int) -> Mapping[str, Any]:
         self.round = t
@@ -179,9 +190,11 @@ class Reputation(Wrapper):
     def combine(self, t: int, q: int, received: Received) -> Mapping[str, Any]:
         kept = {j: v for j, v in received.items() if j not in self.removed}
         if q == 0:
-            phi = self._score({j: v[self.kind] for j, v in kept.items() if j in self.r})
-            # removed now, or opposed to the reputation-weighted update this round: not aggregated
-            self.opposed = {j for j, v in phi.items() if v < 0}
+            scored = {j: v[self.kind] for j, v in kept.items() if j in self.r}
+            phi = self._score(scored)
+            # removed now, opposed to the reputation-weighted update this round, or not scored (a
+            # new neighbour's first frame): not aggregated
+            self.opposed = {j for j, v in phi.items() if v < 0} | (scored.keys() - phi.keys())
             # as in RFFL, what is aggregated is the clipped update: x_i(t-1) + g_j
             kept = {j: {**v, self.kind: self.x_prev + self.clipped[j]} if j in self.clipped else v
                     for j, v in kept.items()}
@@ -199,10 +212,20 @@ class Reputation(Wrapper):
         gamma = self.p.gamma if self.p.gamma is not None else _median_norm([own_x - self.x_prev, *raw.values()])
         self.clipped = {j: clip(v, gamma) for j, v in raw.items()}   # what is aggregated
         # what is scored: each one's change since what it sent last round (its own update, whatever the
-        # models' disagreement); a first-time sender's change from our x_i(t-1)
-        change = {j: v - self.last_sent.get(j, self.x_prev) for j, v in got.items()}
+        # models' disagreement); in round 0 the change from our x_i(t-1), the shared start. A later
+        # first-time sender has no baseline yet: not scored this round
+        if self.first:   # the neighbours we start with are not new: no grace
+            self.frames = {j: self.p.grace_rounds + 1 for j in self.r}
+        change = {j: v - self.last_sent.get(j, self.x_prev) for j, v in got.items()
+                  if self.first or j in self.last_sent}
+        for j in got:
+            self.frames[j] = self.frames.get(j, 0) + 1
         own = own_x - self.last_sent.get(self.ctx.peer_id, self.x_prev)
-        self.last_sent = {**{j: v.clone() for j, v in got.items()}, self.ctx.peer_id: own_x.clone()}
+        self.last_sent = {**{j: v for j, v in self.last_sent.items() if j in self.r},   # silent this round
+                          **{j: v.clone() for j, v in got.items()}, self.ctx.peer_id: own_x.clone()}
+        if not change:
+            self.first = False
+            return {}
         # scored at most as long as our own change: however many large vectors arrive, own counts fully
         own_norm = float(torch.linalg.vector_norm(own))
         gamma = self.p.gamma if self.p.gamma is not None else own_norm if own_norm > 0 else \
@@ -216,7 +239,14 @@ class Reputation(Wrapper):
             g_agg = g_agg + v * (weights[j] / total)
         phi = {j: cosine(v, g_agg) for j, v in g.items()}
         self.first = False
-        self.r, removed = update(self.r, phi, self.p.alpha, self.p.beta)
+        # young: the baseline frame, then grace_rounds scored ones
+        young = frozenset(j for j in self.r if self.frames.get(j, 0) <= self.p.grace_rounds + 1)
+        self.r, removed = update(self.r, {j: v for j, v in phi.items() if j not in young}, self.p.alpha,
+                                 self.p.beta, young)
+        grown = [v for j, v in self.r.items() if j not in young]
+        if young and grown:   # in grace a neighbour stays at the mean of the others
+            mean = sum(grown) / len(grown)
+            self.r = _normalised({j: mean if j in young else v for j, v in self.r.items()})
         until = 2**62 if self.p.removal_rounds is None else self.round + 1 + self.p.removal_rounds
         for j in removed:
             self.removed[j] = until
@@ -226,6 +256,7 @@ class Reputation(Wrapper):
     def set_neighbors(self, weights: Mapping[str, float]) -> None:
         super().set_neighbors(weights)
         kept = {j: v for j, v in self.r.items() if j in weights}
+        self.frames = {j: n for j, n in self.frames.items() if j in weights}   # one that comes back is new again
         mean = sum(kept.values()) / len(kept) if kept else 1.0
         self.r = _normalised({j: kept.get(j, mean) for j in weights if j not in self.removed})
 

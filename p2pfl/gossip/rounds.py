@@ -13,7 +13,9 @@ exchange and answers the questions a driver needs, without any clock, socket or 
 Invariants: steps are totally ordered by index t*Q + q. A frame for a later step is buffered
 (at most `buffer_per_neighbor` per neighbour, at most `max_ahead_rounds` rounds ahead); a frame for an
 earlier step is dropped as STALE; a second frame from the same sender for a step it already
-covered is REPLAYED; a sender that is not a neighbour is UNKNOWN_PEER. The driver owns time: it
+covered is REPLAYED; a sender that is not a neighbour is UNKNOWN_PEER, unless a link with it was
+agreed to start at a later round (`expect`): the other side may begin that round first, so its
+frames from then on are buffered as a neighbour's would be. The driver owns time: it
 decides when a deadline has passed and calls finish(). Which neighbours to set aside
 for silence is `Suspicion`'s (per round, below).
 """
@@ -45,6 +47,7 @@ class StepTracker(Generic[V]):
         self.buffer_per_neighbor = buffer_per_neighbor
         self.neighbors: list[str] = []
         self._last_seen: dict[str, int] = {}     # highest step index received per sender
+        self._expected: dict[str, int] = {}      # not yet a neighbour -> first step index of its link
         self._buffer: dict[int, dict[str, V]] = {}
         self._current = -1
         self._received: dict[str, V] = {}
@@ -54,11 +57,19 @@ class StepTracker(Generic[V]):
     def set_neighbors(self, neighbors: Iterable[str]) -> None:
         """Replace the neighbour set (overlay change); state of kept neighbours survives."""
         self.neighbors = sorted(set(neighbors))
-        keep = set(self.neighbors)
+        for p in self.neighbors:
+            self._expected.pop(p, None)
+        keep = set(self.neighbors) | self._expected.keys()
         self._received = {p: v for p, v in self._received.items() if p in keep}
         for frames in self._buffer.values():
             for p in [p for p in frames if p not in keep]:
                 del frames[p]
+
+    def expect(self, peer: str, round_: int) -> None:
+        """A link with `peer` starts at `round_` (the driver makes it a neighbour then): buffer its
+        frames for that round on, which may come before we get there."""
+        if peer not in self.neighbors:
+            self._expected[peer] = self.index(round_, 0)
 
     def index(self, round_: int, step: int) -> int:
         return round_ * self.steps_per_round + step
@@ -73,16 +84,25 @@ class StepTracker(Generic[V]):
         if not 0 <= step < self.steps_per_round or idx <= self._current:
             raise LocalProtocolError(f"cannot begin step ({round_}, {step}) after {self.current}")
         self._current = idx
-        self._received = self._buffer.pop(idx, {})
+        # a link that was expected by now and is no neighbour was called off: its frames go
+        for p in [p for p, start in self._expected.items() if start <= idx]:
+            del self._expected[p]
+        self._received = {p: v for p, v in self._buffer.pop(idx, {}).items() if p in self.neighbors}
         for old in [i for i in self._buffer if i < idx]:
             del self._buffer[old]
+        for frames in self._buffer.values():
+            for p in [p for p in frames if p not in self.neighbors and p not in self._expected]:
+                del frames[p]
 
     def receive(self, sender: str, round_: int, step: int, value: V) -> Arrival:
-        if sender not in self.neighbors:
-            raise RemoteProtocolError(Reject.UNKNOWN_PEER, "not a neighbour", sender)
         if not 0 <= step < self.steps_per_round or round_ < 0:
+            if sender not in self.neighbors and sender not in self._expected:
+                raise RemoteProtocolError(Reject.UNKNOWN_PEER, "not a neighbour", sender)
             raise RemoteProtocolError(Reject.BAD_HEADER, f"step ({round_}, {step}) out of range", sender)
         idx = self.index(round_, step)
+        if sender not in self.neighbors and not (sender in self._expected and self._expected[sender] <= idx
+                                                 and idx > self._current):
+            raise RemoteProtocolError(Reject.UNKNOWN_PEER, "not a neighbour", sender)
         if idx <= self._last_seen.get(sender, -1):
             raise RemoteProtocolError(Reject.REPLAYED, f"({round_}, {step}) already covered", sender)
         if idx < self._current:

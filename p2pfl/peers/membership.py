@@ -18,7 +18,16 @@ Three background jobs (`Node.main` starts them):
   degree, so we mix with Metropolis-Hastings weights as the simulator does; otherwise we ask
   known peers for a link (`link` control request) until we have `degree`, in an order both sides
   agree on (a hash of the pair and the seed), accept up to degree + 2 incoming requests, and mix
-  uniformly (degrees still change).
+  uniformly (degrees still change). A fixed neighbour removed on the algorithm's advice (reputation)
+  leaves its slot to a replacement: the peer re-hellos at once, dials the peers it learns of and
+  asks them for a link, and a fixed-overlay peer accepts a link only into such a slot of its own.
+- a link formed while both sides run starts at an agreed round, LINK_LEAD rounds ahead of the later
+  of the two (`round` in the request, the agreed one in the reply), and the gossip tracker buffers
+  the other side's frames from that round on (`StepTracker.expect`): each side makes the other a
+  neighbour before the same round, so neither waits for a frame the other does not send yet, nor
+  refuses one sent a moment before its own round began. (Links formed the moment each side saw
+  it, at different rounds, missed frames both ways and were set aside as silent: measured on a
+  4-process ring.) Before round 0 a link applies at once.
 Before each round the node applies neighbour changes (`_apply_neighbors`; before round 0 they
 apply at once, as hellos and links arrive): a neighbour that missed SUSPECT_AFTER rounds in a row
 is set aside for 2, 4, 8 ... 64 rounds, then gets one more chance; a hello does not clear its
@@ -63,6 +72,10 @@ MAX_BENCH_ROUNDS = 64    # the longest a silent neighbour is set aside (it doubl
 REFRESH_S = 5.0          # re-hello period
 BACKOFF_MAX_S = 30.0
 MAX_REMOVAL_ROUNDS = 2**20   # the longest removal a neighbour may announce (0: the run)
+LINK_LEAD = 2            # a link formed mid-run starts this many rounds after the later side's round
+LINK_TRIES = 3           # a link request that fails in transit is tried again after 0.5 s, then 1 s
+MAX_LINK_LEAD = 8        # the furthest ahead a link's start may be put (a liar cannot park a slot)
+MAX_ROUND = 2**31        # rounds in control messages are ints in [0, MAX_ROUND]
 
 
 def _peer_of(addr: str) -> str:
@@ -87,6 +100,7 @@ class Membership:
         node calls this once `explicit`, `identity` and `transport` exist)."""
         self.transport.degree = len(self.explicit)   # a fixed overlay advertises its degree: MH weights
         self.links: set[str] = set(self.explicit)
+        self.link_from: dict[str, int] = {}   # a link agreed mid-run -> the round it starts at
         self.suspicion = Suspicion(SUSPECT_AFTER, MAX_BENCH_ROUNDS)
         # its state, under the names the node has always used
         self.misses, self.benched, self.offences = (self.suspicion.misses, self.suspicion.benched,
@@ -110,13 +124,44 @@ class Membership:
             log.info("neighbour %s missed %d rounds in a row: set aside for %d rounds", p, self.misses[p], rounds)
 
     def _round_claims(self) -> dict[str, int]:
-        """Each neighbour's round: the later of its last accepted frame's and its last hello's claim."""
+        """Each neighbour's round: the later of its last accepted frame's and its last hello's claim
+        (a link that starts at a later round counts: a late joiner catches up to its neighbours'
+        round before the link starts)."""
         hellos = self.transport.peers
         return {p: max(self.peer.tracker.peer_round(p), hellos[p].round if p in hellos else -1)
-                for p in self.peer.tracker.neighbors}
+                for p in set(self.peer.tracker.neighbors) | self._linked()}
+
+    def _linked(self) -> set[str]:
+        """Links that are or will be neighbours (some may start at a later round)."""
+        return {p for p in self.links if p in self.transport.peers and p not in self.benched}
 
     def _active(self) -> set[str]:
-        return {p for p in self.links if p in self.transport.peers and p not in self.benched}
+        return {p for p in self._linked() if self.link_from.get(p, 0) <= self.peer.round}
+
+    def _slots(self) -> int:
+        """Link slots: `degree`, or on a fixed overlay one per fixed neighbour."""
+        return len(self.explicit) if self.explicit else self.s.degree
+
+    def _picking(self) -> bool:
+        """Whether links are picked at run time: always without --neighbors; on a fixed overlay only
+        while a fixed neighbour removed on the algorithm's advice leaves its slot to a replacement."""
+        return not self.explicit or bool(self.explicit & self.advised)
+
+    def _free_slot(self) -> bool:
+        self._prune_links()
+        return self._picking() and len(self.links - self.benched.keys()) < self._slots()
+
+    def _pending(self, peer: str) -> bool:
+        """A link agreed for a round we have not reached yet."""
+        return self.link_from.get(peer, -1) > self.peer.round
+
+    def _running(self) -> bool:
+        return self.peer.tracker.current[0] >= 0
+
+    def _link_round(self) -> int:
+        """The earliest round a link agreed now may start at: at once before round 0, else LINK_LEAD
+        rounds on (the other side may be a round further on, and must hear of it first)."""
+        return self.peer.round + LINK_LEAD if self._running() else 0
 
     def _apply_neighbors(self) -> None:
         self.suspicion.release(self.peer.round)   # back on probation: one more missed round sets it aside again
@@ -132,9 +177,16 @@ class Membership:
             self.advised.add(p)
             self.benched[p] = DROPPED if self.removal_rounds is None else self.peer.round + self.removal_rounds
             log.info("neighbour %s dropped on the algorithm's advice", p)
-            if self._nursery is not None and p in self.transport.peers:
-                self._nursery.start_soon(self._tell_removed, p)
+            if self._nursery is not None:
+                if p in self.transport.peers:
+                    self._nursery.start_soon(self._tell_removed, p)
+                self._nursery.start_soon(self._refresh)   # look for a replacement now, not at the next pass
         self._prune_links()
+        for p in [p for p in self.link_from if not self._pending(p)]:
+            del self.link_from[p]   # started
+        self._set_active()
+
+    def _set_active(self) -> None:
         active = self._active()
         if active != set(self.peer.tracker.neighbors):
             log.info("neighbours: %s", sorted(active))
@@ -154,12 +206,12 @@ class Membership:
         if self._nursery is None:
             return
         known = self.dialing | set(self.transport.peers)
-        addrs = [a for a in hello.peers if not self.explicit or _peer_of(a) in self.explicit]
+        addrs = [a for a in hello.peers if self._picking() or _peer_of(a) in self.explicit]
         for addr, other in self.exchange.pick(peer, addrs, time.monotonic(), known):
+            log.debug("peer exchange: dialling %s", printable(addr))
             self.dialing.add(other)
             self._nursery.start_soon(self._dial_once, [addr, *self.exchange.alternatives(other, addrs)], other)
-        if not self.explicit and peer not in self.links and peer not in self.benched and \
-                len(self.links) < self.s.degree:
+        if peer not in self.links and peer not in self.benched and self._free_slot():
             self._nursery.start_soon(self._ask_link, peer)
         if self.peer.round == self.first_round and self._train_scope is not None and self.peer.tracker.current[0] < 0:
             self._apply_neighbors()    # before round 0, neighbours join at once
@@ -214,13 +266,13 @@ class Membership:
         for p in [p for p in self.links if p not in self.explicit and
                   (p in self.benched or p not in self.transport.peers)]:
             self.links.discard(p)
+            self.link_from.pop(p, None)
 
     def _missing(self) -> bool:
         """A wanted neighbour is missing: an explicit one we have no hello from, or too few links."""
-        if self.explicit:
-            return any(p not in self.transport.peers for p in self.explicit)
-        self._prune_links()
-        return len(self.links) < self.s.degree
+        if any(p not in self.transport.peers for p in self.explicit - self.advised):
+            return True
+        return self._free_slot()
 
     async def _refresh(self) -> None:
         """One maintenance pass: re-hello (peer exchange rides on the replies), then ask for links."""
@@ -234,11 +286,10 @@ class Membership:
                 log.debug("re-hello with %s refused: %s", p, printable(str(e), 200))
             except ConnectionError as e:
                 self._throttle.warning(("refresh", p), "re-hello with %s failed: %s", p, printable(str(e), 200))
-        if not self.explicit and len(self.links) < self.s.degree:
-            for p in self._candidates():
-                if len(self.links) >= self.s.degree:
-                    break
-                await self._ask_link(p)
+        for p in self._candidates():
+            if not self._free_slot():
+                break
+            await self._ask_link(p)
 
     def _candidates(self) -> list[str]:
         me = self.identity.peer_id
@@ -249,36 +300,71 @@ class Membership:
         return sorted((p for p in self.transport.peers if p not in self.links and p not in self.benched), key=rank)
 
     async def _ask_link(self, peer: str) -> None:
-        self._prune_links()
-        if peer in self.links or peer in self.benched or len(self.links) >= self.s.degree:
+        if peer in self.links or peer in self.benched or not self._free_slot():
             return
-        try:
-            reply = await self.transport.request(peer, {"t": "link"})
-        except Exception as e:
-            log.debug("link %s: %s", peer, e)
+        for attempt in range(LINK_TRIES):
+            start = self._link_round()
+            try:
+                reply = await self.transport.request(peer, {"t": "link", "round": start})
+                break
+            except Exception as e:   # e.g. both sides dialled each other at once and one connection was reset
+                log.debug("link %s: %s", peer, e)
+                if attempt == LINK_TRIES - 1:
+                    return
+                await trio.sleep(0.5 * 2 ** attempt)
+                if peer in self.links or peer in self.benched or not self._free_slot():
+                    return
+        agreed = reply.get("round", 0)
+        if reply.get("ok") is not True or peer not in self.transport.peers or peer in self.benched:
+            log.debug("link %s: not linked (%s)", peer, printable(repr(reply), 200))
             return
-        if reply.get("ok") is True and peer in self.transport.peers and peer not in self.benched:
-            self.links.add(peer)
-            if self.peer.tracker.current[0] < 0:
-                self._apply_neighbors()
-            self.transport.notify()   # round 0 may be waiting for this link
+        if type(agreed) is not int or not 0 <= agreed <= max(start, self._link_round()) + MAX_LINK_LEAD:
+            log.info("link %s: refused its start round %s", peer, printable(repr(agreed), 40))
+            return
+        self._link(peer, agreed)
+
+    def _link(self, peer: str, start: int) -> None:
+        # requests that crossed (each side asked the other) agree on the later of the two starts
+        if self._pending(peer):
+            start = max(start, self.link_from[peer])
+        self.links.add(peer)
+        if start > self.peer.round:
+            self.link_from[peer] = start
+            self.peer.tracker.expect(peer, start)
+        else:
+            self.link_from.pop(peer, None)
+        if not self._running():
+            self._apply_neighbors()
+        self.transport.notify()   # round 0 may be waiting for this link
 
     async def _on_control(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
         if msg["t"] == "link":
-            # a set-aside peer cannot take a slot back before its time is up: identities that send
-            # nothing cannot hold all our slots against peers that do
-            self._prune_links()
-            ok = not self.explicit and peer not in self.benched and \
-                (peer in self.links or len(self.links) < self.s.degree + 2)
-            if ok:
-                self.links.add(peer)
-                if self.peer.tracker.current[0] < 0:
-                    self._apply_neighbors()
-                self.transport.notify()   # round 0 may be waiting for this link
-            return {"t": "link", "ok": ok}
+            return self._on_link(peer, msg)
         if msg["t"] == "removed":
             return self._on_removed(peer, msg)
         return {"t": "error", "error": f"unknown request {msg['t']!r}"}
+
+    def _on_link(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """A link request: granted into a free slot, starting at the later of the asker's round (if
+        it says one) and our own link round."""
+        asked = msg.get("round", 0)
+        if not msg.keys() <= {"t", "round"} or type(asked) is not int or not 0 <= asked <= MAX_ROUND:
+            self.peer.rejected["bad_link_request"] += 1
+            return {"t": "error", "error": f"link: expected {{t, round?}} with round an int in [0, {MAX_ROUND}]"}
+        start = max(asked, self._link_round())
+        # a set-aside peer cannot take a slot back before its time is up: identities that send
+        # nothing cannot hold all our slots against peers that do; a fixed overlay takes a link only
+        # into the slot of a neighbour it removed itself
+        self._prune_links()
+        slack = 0 if self.explicit else 2
+        ok = self._picking() and peer not in self.benched and start <= self._link_round() + MAX_LINK_LEAD and \
+            (peer in self.links or len(self.links - self.benched.keys()) < self._slots() + slack)
+        if not ok:
+            return {"t": "link", "ok": False}
+        if peer in self.links and not self._pending(peer):   # linked already: the asker links at once
+            return {"t": "link", "ok": True, "round": self.peer.round}
+        self._link(peer, start)
+        return {"t": "link", "ok": True, "round": self.link_from.get(peer, start)}
 
     async def _tell_removed(self, peer: str) -> None:
         """Tell a neighbour we removed that it was removed, and for how long (0: the run)."""
@@ -299,5 +385,6 @@ class Membership:
             self.benched[peer] = DROPPED if rounds == 0 else self.peer.round + rounds
             log.info("neighbour %s removed us (%s)", peer, f"{rounds} rounds" if rounds else "for the run")
             self._prune_links()
+            self._set_active()   # mid-step too: it sends us nothing more, so the step stops waiting for it
             self.transport.notify()
         return {"t": "removed", "ok": True}

@@ -263,8 +263,8 @@ class Node(Membership):
         if s.alone and not waits_for:
             return True   # nothing to wait for; peers that dial us later still join
         with trio.move_on_after(s.start_timeout):
-            await self.transport.wait_until(lambda: len(self._active()) >= s.min_neighbors)
-        n = len(self._active())
+            await self.transport.wait_until(lambda: len(self._linked()) >= s.min_neighbors)
+        n = len(self._linked())
         if n == 0 and not s.alone and s.min_neighbors > 0:
             what = (f"none of {', '.join(waits_for)} answered" if waits_for
                     else "no peer joined (start the others with --bootstrap pointing here)")
@@ -287,6 +287,7 @@ class Node(Membership):
                 self.metrics.write({"kind": "catch_up", "round": target, "from": self.peer.round,
                                     "peer": self.identity.peer_id, "agree": agree, "neighbors": len(claims)})
                 self.peer.round = target
+                self._apply_neighbors()   # links that start by the round caught up to
             self.transport.round = self.peer.round
             await self.peer.train(1)
             self.transport.round = self.peer.round

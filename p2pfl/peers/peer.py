@@ -215,9 +215,13 @@ class Peer:
         return str(peer_id)
 
     def set_neighbors(self, neighbors: Mapping[str, float | None]) -> None:
+        """Set the neighbours and their mixing weights (None: uniform); also mid-step, when a
+        neighbour leaves: the step then stops waiting for it."""
         self.weights = self._weights(neighbors)
         self.tracker.set_neighbors(self.weights)
         self.algorithm.set_neighbors(self.weights)
+        if self.tracker.complete:
+            self._step_done.set()
 
     # the gossip family's pieces, for the drivers that checkpoint and measure them
     @property

@@ -120,6 +120,42 @@ def test_new_neighbours_start_at_the_mean_and_state_survives_a_checkpoint() -> N
         fresh.load_state_dict({**state, "reputation": {"a": 7.0}})
 
 
+def test_a_new_neighbour_is_learnt_then_scored_in_grace_before_its_reputation_moves() -> None:
+    """A neighbour that joins mid-run: its first frame only sets its baseline (not aggregated); for
+    grace_rounds frames its scores decide aggregation but not its reputation (two peers that just
+    linked pull towards each other, so their changes oppose); then it is scored like the others."""
+    alg = wrapped(["h1", "h2"], alpha=0.5, grace_rounds=2)
+    x0 = alg.vector().clone()
+    step = torch.full_like(x0, 0.01)
+
+    def round_(t: int, new: torch.Tensor | None) -> torch.Tensor:
+        alg.local_update(t)
+        x = alg.vector().clone()
+        got = {"h1": x + step, "h2": x + 1.1 * step, **({"new": new} if new is not None else {})}
+        alg.combine(t, 0, {j: {"model": v} for j, v in got.items()})
+        alg.end_round(t)
+        return x
+
+    round_(0, None)
+    alg.set_neighbors({"h1": 0.25, "h2": 0.25, "new": 0.25})
+    assert alg.advice().scores["new"] == pytest.approx(1 / 3)
+    before = alg.vector().clone()
+    alg.local_update(1)
+    trained = alg.vector().clone()
+    alg.combine(1, 0, {"new": {"model": torch.full_like(before, 1e3)}})   # first frame: baseline only
+    assert torch.equal(alg.vector(), trained)
+    alg.end_round(1)
+    last = torch.full_like(before, 1e3)
+    for t in (2, 3):   # opposed (its change points back), in grace: left out, its reputation stays
+        last = last - 50 * step
+        round_(t, last)
+        assert "new" in alg.opposed and "new" not in alg.advice().drop
+        assert alg.advice().scores["new"] == pytest.approx(1 / 3, abs=0.05)
+    last = last - 50 * step
+    round_(4, last)    # grown up: the same change now costs it its place
+    assert "new" in alg.advice().drop
+
+
 def test_removal_lasts_removal_rounds() -> None:
     alg = wrapped(["a", "b"], removal_rounds=3)
     alg.removed = {"b": 5}

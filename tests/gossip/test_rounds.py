@@ -99,6 +99,69 @@ def test_neighbour_change_drops_removed_peer_state():
     assert tr.missing() == ["c", "d"]
 
 
+def test_a_link_agreed_for_a_later_round_buffers_the_new_neighbours_early_frames():
+    """The other side of a new link may begin the agreed round first: its frames from that round on
+    are kept, not refused, and count once it is a neighbour; earlier ones are still refused."""
+    tr = StepTracker(["a"])
+    tr.begin(3, 0)
+    tr.expect("d", 5)
+    assert reason(lambda: tr.receive("d", 4, 0, "early")) is Reject.UNKNOWN_PEER
+    assert tr.receive("d", 5, 0, "d5") is Arrival.BUFFERED
+    assert reason(lambda: tr.receive("e", 5, 0, "stranger")) is Reject.UNKNOWN_PEER
+    tr.finish()
+    tr.begin(4, 0)
+    assert tr.missing() == ["a"]
+    tr.finish()
+    tr.set_neighbors(["a", "d"])     # the driver, before round 5
+    tr.begin(5, 0)
+    assert tr.missing() == ["a"]     # d's frame was waiting
+    tr.receive("a", 5, 0, "a5")
+    assert tr.complete and tr.finish() == {"a": "a5", "d": "d5"}
+
+
+def test_a_link_called_off_drops_the_frames_kept_for_it():
+    tr = StepTracker(["a"])
+    tr.begin(0, 0)
+    tr.expect("d", 2)
+    tr.receive("d", 2, 0, "d2")
+    tr.finish()
+    tr.begin(1, 0)
+    tr.finish()
+    tr.begin(2, 0)                   # d never became a neighbour: its frame is dropped, and later ones refused
+    tr.receive("a", 2, 0, "a2")
+    assert tr.complete and tr.finish() == {"a": "a2"}
+    assert reason(lambda: tr.receive("d", 3, 0, "d3")) is Reject.UNKNOWN_PEER
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(NB + ["x", "y"]), st.integers(0, 6), st.integers(0, 1)), max_size=40),
+       st.integers(0, 4), st.integers(0, 6), st.booleans())
+def test_any_interleaving_with_a_link_to_come_keeps_invariants(arrivals, start, link_round, joins):
+    """As below, with peer y expected from `link_round` on (made a neighbour then, if `joins`):
+    y's values are delivered only at steps of that round or later, and only if it joined."""
+    tr = StepTracker(NB, steps_per_round=2, max_ahead_rounds=1, buffer_per_neighbor=2)
+    delivered: list[tuple[str, int, int]] = []
+    step = start * 2
+    tr.begin(*divmod(step, 2))
+    tr.expect("y", link_round)
+    for sender, t, q in arrivals:
+        try:
+            tr.receive(sender, t, q, (sender, t, q))
+        except RemoteProtocolError as e:
+            assert isinstance(e.reason, Reject)
+        if tr.complete or len(delivered) % 2 == 0:
+            cur = divmod(step, 2)
+            got = tr.finish()
+            assert all(v[1:] == cur and v[0] == k for k, v in got.items())
+            delivered += got.values()
+            step += 1
+            if joins and step == link_round * 2:
+                tr.set_neighbors([*NB, "y"])
+            tr.begin(*divmod(step, 2))
+    assert len(delivered) == len(set(delivered))
+    assert all(joins and t >= link_round for s, t, q in delivered if s == "y")
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(NB + ["x"]), st.integers(0, 6), st.integers(0, 1)), max_size=40),
        st.integers(0, 4))

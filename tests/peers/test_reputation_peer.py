@@ -14,7 +14,7 @@ from p2pfl.algorithms.reputation import Reputation
 from p2pfl.files import save_identity
 from p2pfl.gossip.identity import Identity
 from p2pfl.peers import checkpoint
-from p2pfl.peers.membership import DROPPED
+from p2pfl.peers.membership import DROPPED, LINK_LEAD, MAX_LINK_LEAD
 from p2pfl.peers.metrics import PeerMetrics, Snapshot
 from p2pfl.peers.node import Node
 from p2pfl.peers.settings import PeerSettings
@@ -128,3 +128,72 @@ def test_a_removed_neighbours_slot_goes_to_another_known_peer(tmp_path: Path) ->
     assert trio.run(node._on_control, spare, {"t": "link"})["ok"]
     node._apply_neighbors()
     assert set(node.peer.tracker.neighbors) == {a, spare}
+
+
+def running(node: Node, round_: int) -> None:
+    """As if the node's round loop were in `round_` (links then start LINK_LEAD rounds on)."""
+    node.peer.round = round_
+    node.peer.tracker.begin(round_, 0)
+
+
+def test_a_link_formed_mid_run_starts_at_a_round_both_sides_agree_on(tmp_path: Path) -> None:
+    node = make_node(tmp_path, degree=2)
+    a, new, other = ident(1).peer_id, ident(2).peer_id, ident(3).peer_id
+    accepted(node, a)
+    running(node, 3)
+    for p in (new, other):
+        node.transport.peers[p] = node.transport.hello_template
+    # the asker is at round 2: the link starts LINK_LEAD rounds after the later of the two
+    assert trio.run(node._on_control, new, {"t": "link", "round": 2 + LINK_LEAD}) == \
+        {"t": "link", "ok": True, "round": 3 + LINK_LEAD}
+    assert new in node.links and node._active() == {a}
+    assert node.peer.tracker.receive(new, 5, 0, ("model", None)).value == "buffered"   # it may get there first
+    # requests that cross: ours asked for 6, theirs was granted 5; both sides end on the later one
+    node._link(new, 6)
+    assert node.link_from[new] == 6
+    assert trio.run(node._on_control, new, {"t": "link", "round": 0})["round"] == 6
+    node.peer.round = 5
+    node._apply_neighbors()
+    assert node.peer.tracker.neighbors == [a]
+    node.peer.round = 6
+    node._apply_neighbors()
+    assert node.peer.tracker.neighbors == sorted([a, new])
+    # linked already and running: a request again (it restarted) links at once on its side
+    assert trio.run(node._on_control, new, {"t": "link", "round": 0}) == {"t": "link", "ok": True, "round": 6}
+
+
+def test_bad_link_requests_are_counted_and_a_far_start_is_refused(tmp_path: Path) -> None:
+    node = make_node(tmp_path, degree=3)
+    asker = ident(1).peer_id
+    node.transport.peers[asker] = node.transport.hello_template
+    running(node, 1)
+    for bad in ({"t": "link", "round": -1}, {"t": "link", "round": "5"}, {"t": "link", "round": 2**40},
+                {"t": "link", "round": 1.5}, {"t": "link", "round": 3, "extra": 1}):
+        reply = trio.run(node._on_control, asker, bad)
+        assert reply["t"] == "error" and "round an int in [0, 2147483648]" in reply["error"]
+    assert node.peer.rejections()["bad_link_request"] == 5 and asker not in node.links
+    # a liar cannot park a slot for a round far ahead
+    assert trio.run(node._on_control, asker, {"t": "link", "round": 1 + LINK_LEAD + MAX_LINK_LEAD + 1}) == \
+        {"t": "link", "ok": False}
+    assert asker not in node.links
+
+
+def test_a_fixed_overlay_takes_a_link_only_into_the_slot_a_removal_freed(tmp_path: Path) -> None:
+    bad, a, spare, extra = ident(1).peer_id, ident(2).peer_id, ident(3).peer_id, ident(4).peer_id
+    node = make_node(tmp_path, neighbors=(bad, a), reputation_params={"min_degree": 1})
+    for p in (bad, a, spare, extra):
+        node.transport.peers[p] = replace(node.transport.hello_template, round=0, degree=2)
+    node._apply_neighbors()
+    running(node, 4)
+    assert not node._missing()
+    assert trio.run(node._on_control, spare, {"t": "link", "round": 0}) == {"t": "link", "ok": False}
+    node.peer.algorithm.removed[bad] = DROPPED   # type: ignore[attr-defined]
+    node._apply_neighbors()
+    assert node.peer.tracker.neighbors == [a] and node._missing()   # a slot is free: the refresh looks
+    assert trio.run(node._on_control, spare, {"t": "link", "round": 0}) == \
+        {"t": "link", "ok": True, "round": 4 + LINK_LEAD}
+    assert trio.run(node._on_control, extra, {"t": "link", "round": 0}) == {"t": "link", "ok": False}
+    assert trio.run(node._on_control, bad, {"t": "link", "round": 0}) == {"t": "link", "ok": False}
+    node.peer.round = 4 + LINK_LEAD
+    node._apply_neighbors()
+    assert node.peer.tracker.neighbors == sorted([a, spare]) and not node._missing()

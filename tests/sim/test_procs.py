@@ -265,19 +265,26 @@ def test_an_alie_peer_process_crafts_from_its_neighbours_frames_and_trimmed_mean
 @pytest.mark.slow
 def test_honest_neighbours_remove_a_sign_flipper_in_real_processes(tmp_path):
     """4 `p2pfl peer` processes on a loopback ring, peer 1 flips signs: both its honest neighbours
-    remove it on their reputations, tell it (it unlinks them too), and stop waiting for its frames.
-    (A fixed --neighbors overlay has no replacement; min_degree 1 lets a ring peer drop to one link.)"""
-    s = scenarios.build({**FAST, "name": "procs-rep", "rounds": 5, "centralized": False, "attack": "sign_flip",
+    remove it on their reputations, tell it (it unlinks them too), stop waiting for its frames, and
+    fill the freed slot with each other (the only other honest peer that has a free slot too; they
+    learn of each other by peer exchange). min_degree 1 lets a ring peer drop to one link meanwhile.
+    The new link starts at a round both agreed on, so no honest peer ever misses an honest frame."""
+    rounds = 30   # the link starts LINK_LEAD rounds after the later remover's round, once both have dialled
+    s = scenarios.build({**FAST, "name": "procs-rep", "rounds": rounds, "centralized": False, "attack": "sign_flip",
                          "attackers": [1], "reputation": True,
                          "reputation_params": {"alpha": 0.5, "min_degree": 1}})
     summary = procs.run(s, tmp_path, timeout_s=200)
-    assert summary["rounds_done"] == [5] * 4
+    assert summary["rounds_done"] == [rounds] * 4
     events = _events(tmp_path)
     ids = events[0]["peer_ids"]
     rounds = [e for e in events if e["kind"] == "round"]
     removed_by = {e["peer"] for e in rounds if ids[1] in e.get("removed", [])}
     assert removed_by == {0, 2}
-    for i in (0, 2):   # after the removal, its reputation table no longer lists the attacker
-        last = max((e for e in rounds if e["peer"] == i), key=lambda e: e["round"])
-        assert ids[1] not in last["reputation"] and last["neighbors"] == 1
+    for i, other in ((0, 2), (2, 0)):   # the attacker is gone for good, replaced by the other remover
+        mine = sorted((e for e in rounds if e["peer"] == i), key=lambda e: e["round"])
+        gone = next(k for k, e in enumerate(mine) if ids[1] in e.get("removed", []))
+        assert all(ids[1] not in e["reputation"] for e in mine[gone + 1:])
+        assert set(mine[-1]["reputation"]) == {ids[3], ids[other]} and mine[-1]["neighbors"] == 2
     assert not any(ids[1] in e.get("removed", []) for e in rounds if e["peer"] == 3)
+    honest = {ids[0], ids[2], ids[3]}
+    assert not [(e["peer"], e["round"], e["missing"]) for e in rounds if e["peer"] != 1 and set(e["missing"]) & honest]
