@@ -31,8 +31,9 @@ frame we learn only its baseline s_j: that round it is neither scored nor aggreg
 rounds it is scored, and left out of the aggregate where opposed (phi < 0), but cannot lose
 reputation: two peers that just linked pull towards each other's models, so each one's change
 points against the other's until the link has mixed them (measured in a 4-process ring: the
-replacement link, honest on both sides, was removed two rounds after it formed). After a resume
-every neighbour is new in that sense: the baselines are not checkpointed.
+replacement link, honest on both sides, was removed two rounds after it formed). Grace counts
+rounds, not frames: a newcomer that never sends grows up and goes as a silent neighbour does. After
+a resume the baselines are gone (not checkpointed): that round nobody is scored.
 Because r is normalised and a neighbour is removed only below 1/3 of the mean, at least
 one neighbour is always above the threshold: the wrapper never removes all. Keeping the overlay
 connected (a minimum degree, replacements) is the driver's job (`p2pfl.sim.rewire`, membership).
@@ -168,7 +169,7 @@ class Reputation(Wrapper):
         self.opposed: set[str] = set()      # this round: phi < 0 or no baseline yet, left out of the aggregate
         self.clipped: dict[str, Tensor] = {}  # this round's clipped updates g_j
         self.last_sent: dict[str, Tensor] = {}  # each neighbour's (and our own) vector of the last round
-        self.frames: dict[str, int] = {}    # a neighbour's frames scored so far (its age, for grace_rounds)
+        self.joined: dict[str, int] = {}    # a neighbour that joined mid-run -> our round when it joined
 
     def local_update(self, t: int) -> Mapping[str, Any]:
         self.round = t
@@ -214,12 +215,8 @@ class Reputation(Wrapper):
         # what is scored: each one's change since what it sent last round (its own update, whatever the
         # models' disagreement); in round 0 the change from our x_i(t-1), the shared start. A later
         # first-time sender has no baseline yet: not scored this round
-        if self.first:   # the neighbours we start with are not new: no grace
-            self.frames = {j: self.p.grace_rounds + 1 for j in self.r}
         change = {j: v - self.last_sent.get(j, self.x_prev) for j, v in got.items()
                   if self.first or j in self.last_sent}
-        for j in got:
-            self.frames[j] = self.frames.get(j, 0) + 1
         own = own_x - self.last_sent.get(self.ctx.peer_id, self.x_prev)
         self.last_sent = {**{j: v for j, v in self.last_sent.items() if j in self.r},   # silent this round
                           **{j: v.clone() for j, v in got.items()}, self.ctx.peer_id: own_x.clone()}
@@ -239,8 +236,9 @@ class Reputation(Wrapper):
             g_agg = g_agg + v * (weights[j] / total)
         phi = {j: cosine(v, g_agg) for j, v in g.items()}
         self.first = False
-        # young: the baseline frame, then grace_rounds scored ones
-        young = frozenset(j for j in self.r if self.frames.get(j, 0) <= self.p.grace_rounds + 1)
+        # young: its first round (the baseline), then grace_rounds more, whether it sent or not (a
+        # silent newcomer grows up too, and is then removed as a silent neighbour is)
+        young = frozenset(j for j in self.r if self.round - self.joined.get(j, -2**62) <= self.p.grace_rounds + 1)
         self.r, removed = update(self.r, {j: v for j, v in phi.items() if j not in young}, self.p.alpha,
                                  self.p.beta, young)
         grown = [v for j, v in self.r.items() if j not in young]
@@ -256,7 +254,10 @@ class Reputation(Wrapper):
     def set_neighbors(self, weights: Mapping[str, float]) -> None:
         super().set_neighbors(weights)
         kept = {j: v for j, v in self.r.items() if j in weights}
-        self.frames = {j: n for j, n in self.frames.items() if j in weights}   # one that comes back is new again
+        # one that comes back is new again; the neighbours of our first round are not new
+        self.joined = {j: t for j, t in self.joined.items() if j in weights}
+        if not self.first:
+            self.joined.update({j: self.round for j in weights if j not in self.r and j not in self.joined})
         mean = sum(kept.values()) / len(kept) if kept else 1.0
         self.r = _normalised({j: kept.get(j, mean) for j in weights if j not in self.removed})
 

@@ -156,6 +156,29 @@ def test_a_new_neighbour_is_learnt_then_scored_in_grace_before_its_reputation_mo
     assert "new" in alg.advice().drop
 
 
+@pytest.mark.parametrize("joins_at", [None, 1])
+def test_a_silent_neighbour_is_removed_whether_it_started_with_us_or_joined(joins_at: int | None) -> None:
+    """A neighbour that never sends keeps its reputation while the agreeing ones grow, and falls under
+    the threshold. One we start with gets no grace; one that joins mid-run gets grace_rounds (2) after
+    its first round, counted in rounds, not frames (else a silent newcomer would stay for ever)."""
+    alg = wrapped(["h1", "h2"] if joins_at is not None else ["h1", "h2", "quiet"], alpha=0.5, grace_rounds=2)
+    removed_at = None
+    for t in range(16):
+        if t == joins_at:
+            alg.set_neighbors({"h1": 0.25, "h2": 0.25, "quiet": 0.25})
+        alg.local_update(t)
+        x = alg.vector().clone()
+        step = torch.full_like(x, 0.01)
+        alg.combine(t, 0, {"h1": {"model": x + step}, "h2": {"model": x + 1.1 * step}})
+        alg.end_round(t)
+        if "quiet" in alg.advice().drop:
+            removed_at = t
+            break
+    assert alg.advice().drop == {"quiet"} and removed_at is not None
+    if joins_at is not None:
+        assert removed_at > joins_at + 2
+
+
 def test_removal_lasts_removal_rounds() -> None:
     alg = wrapped(["a", "b"], removal_rounds=3)
     alg.removed = {"b": 5}

@@ -136,43 +136,17 @@ def test_a_link_called_off_drops_the_frames_kept_for_it():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(NB + ["x", "y"]), st.integers(0, 6), st.integers(0, 1)), max_size=40),
        st.integers(0, 4), st.integers(0, 6), st.booleans())
-def test_any_interleaving_with_a_link_to_come_keeps_invariants(arrivals, start, link_round, joins):
-    """As below, with peer y expected from `link_round` on (made a neighbour then, if `joins`):
-    y's values are delivered only at steps of that round or later, and only if it joined."""
-    tr = StepTracker(NB, steps_per_round=2, max_ahead_rounds=1, buffer_per_neighbor=2)
-    delivered: list[tuple[str, int, int]] = []
-    step = start * 2
-    tr.begin(*divmod(step, 2))
-    tr.expect("y", link_round)
-    for sender, t, q in arrivals:
-        try:
-            tr.receive(sender, t, q, (sender, t, q))
-        except RemoteProtocolError as e:
-            assert isinstance(e.reason, Reject)
-        if tr.complete or len(delivered) % 2 == 0:
-            cur = divmod(step, 2)
-            got = tr.finish()
-            assert all(v[1:] == cur and v[0] == k for k, v in got.items())
-            delivered += got.values()
-            step += 1
-            if joins and step == link_round * 2:
-                tr.set_neighbors([*NB, "y"])
-            tr.begin(*divmod(step, 2))
-    assert len(delivered) == len(set(delivered))
-    assert all(joins and t >= link_round for s, t, q in delivered if s == "y")
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(NB + ["x"]), st.integers(0, 6), st.integers(0, 1)), max_size=40),
-       st.integers(0, 4))
-def test_any_interleaving_keeps_invariants(arrivals, start):
+def test_any_interleaving_keeps_invariants(arrivals, start, link_round, joins):
     """Whatever arrives, in any order: no crash, each accepted value is delivered at most once and
-    only at its own step, and every refusal carries a reason."""
+    only at its own step, and every refusal carries a reason. x is never a neighbour; a link with y
+    is agreed for `link_round` (y made a neighbour then, if `joins`): y's values are delivered only
+    at steps of that round or later, and only if it joined."""
     tr = StepTracker(NB, steps_per_round=2, max_ahead_rounds=1, buffer_per_neighbor=2)
     delivered: list[tuple[str, int, int]] = []
     accepted = set()
     step = start * 2
     tr.begin(*divmod(step, 2))
+    tr.expect("y", link_round)
     for sender, t, q in arrivals:
         try:
             tr.receive(sender, t, q, (sender, t, q))
@@ -185,6 +159,9 @@ def test_any_interleaving_keeps_invariants(arrivals, start):
             assert all(v[1:] == cur and v[0] == k for k, v in got.items())
             delivered += got.values()
             step += 1
+            if joins and step == link_round * 2:
+                tr.set_neighbors([*NB, "y"])
             tr.begin(*divmod(step, 2))
     assert len(delivered) == len(set(delivered))
-    assert set(delivered) <= accepted
+    assert set(delivered) <= accepted and not any(s == "x" for s, t, q in delivered)
+    assert all(joins and t >= link_round for s, t, q in delivered if s == "y")
