@@ -41,24 +41,11 @@ RULES: dict[str, tuple[int, dict[str, Any]]] = {"self_centered_clip": (3, {"tau"
 def standalone(s: Any) -> list[float]:
     """Each peer's test accuracy after training alone on its shard for the scenario's rounds (the
     engine's model, trainer, batch order and seed per peer)."""
-    import copy
-
-    import torch
-
-    from p2pfl.learn.train import LocalTrainer, evaluate, unpack
+    from p2pfl.learn.train import peer_seed
     from p2pfl.sim import engine
 
     setup = engine.Setup.build(s)
-    test = setup.test_data()
-    out = []
-    for i in range(s.peers):
-        model = copy.deepcopy(setup.init)
-        trainer = LocalTrainer(model, *unpack(setup.train_data(i)), s.train_config(),
-                               torch.Generator().manual_seed(s.seed * 100_003 + i))
-        for t in range(s.rounds):
-            trainer.train_round(t)
-        out.append(evaluate(model, *unpack(test), loss=s.loss_fn, metric=s.metric)[0])
-    return out
+    return [engine.train_alone(setup, setup.train_data(i), peer_seed(s.seed, i))[-1] for i in range(s.peers)]
 
 
 def pearson(a: list[float], b: list[float]) -> float | None:
@@ -142,16 +129,16 @@ def main() -> None:
     if args.quick:
         args.attacks, args.rules, args.fractions, args.data, args.rounds = \
             ["sign_flip", "ipm", "free_rider", "silent"], ["self_centered_clip"], [0.3], ["dirichlet:0.5"], 12
-    jobs = [(d, r, data, a, fr, args.rounds) for data in args.data for r in args.rules for fr in args.fractions
-            for a in args.attacks for d in ("none", "rffl")]
-    jobs += [("rffl", r, "iid", "none", 0.0, args.rounds) for r in args.rules]
+    jobs = [(d, r, data, a, fr, args.rounds, False) for data in args.data for r in args.rules
+            for fr in args.fractions for a in args.attacks for d in ("none", "rffl")]
+    jobs += [("rffl", r, "iid", "none", 0.0, args.rounds, False) for r in args.rules]
     if not args.no_fairness:
         jobs += [("rffl", r, data, "none", 0.0, args.rounds, True) for data in args.data for r in args.rules]
         jobs += [("rffl", args.rules[0], args.data[0], "sign_flip", args.fractions[0], args.rounds, True)]
     sink = open(args.out, "w") if args.out else None
     cells = []
     with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
-        for cell in pool.map(run_cell, *zip(*[j if len(j) == 7 else (*j, False) for j in jobs])):
+        for cell in pool.map(run_cell, *zip(*jobs)):
             cells.append(cell)
             line = json.dumps(cell)
             print(line, flush=True)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from p2pfl.learn.models import flatten, load_flat
-from p2pfl.learn.train import LocalTrainer, evaluate
+from p2pfl.learn.train import LocalTrainer, evaluate, peer_seed
 from p2pfl.sim import engine
 from p2pfl.sim import scenario as scenarios
 
@@ -37,7 +37,7 @@ def bare_loop(s: scenarios.Scenario) -> float:
     setup = engine.Setup.build(s)
     models = [copy.deepcopy(setup.init) for _ in range(s.peers)]
     trainers = [LocalTrainer(m, *setup.tensors(setup.shards[i]), s.train_config(),
-                             torch.Generator().manual_seed(s.seed * 100_003 + i)) for i, m in enumerate(models)]
+                             torch.Generator().manual_seed(peer_seed(s.seed, i))) for i, m in enumerate(models)]
     W = torch.from_numpy(setup.W).float()
     test = setup.tensors(test=True)
     start = time.perf_counter()

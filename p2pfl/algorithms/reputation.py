@@ -238,7 +238,7 @@ class Reputation(Wrapper):
         self.first = False
         # young: its first round (the baseline), then grace_rounds more, whether it sent or not (a
         # silent newcomer grows up too, and is then removed as a silent neighbour is)
-        young = frozenset(j for j in self.r if self.round - self.joined.get(j, -2**62) <= self.p.grace_rounds + 1)
+        young = frozenset(j for j, t in self.joined.items() if j in self.r and self.round - t <= self.p.grace_rounds + 1)
         self.r, removed = update(self.r, {j: v for j, v in phi.items() if j not in young}, self.p.alpha,
                                  self.p.beta, young)
         grown = [v for j, v in self.r.items() if j not in young]

@@ -87,22 +87,20 @@ class StepTracker(Generic[V]):
         # a link that was expected by now and is no neighbour was called off: its frames go
         for p in [p for p, start in self._expected.items() if start <= idx]:
             del self._expected[p]
-        self._received = {p: v for p, v in self._buffer.pop(idx, {}).items() if p in self.neighbors}
+            for frames in self._buffer.values():
+                frames.pop(p, None)
+        self._received = self._buffer.pop(idx, {})
         for old in [i for i in self._buffer if i < idx]:
             del self._buffer[old]
-        for frames in self._buffer.values():
-            for p in [p for p in frames if p not in self.neighbors and p not in self._expected]:
-                del frames[p]
 
     def receive(self, sender: str, round_: int, step: int, value: V) -> Arrival:
+        if sender not in self.neighbors and sender not in self._expected:
+            raise RemoteProtocolError(Reject.UNKNOWN_PEER, "not a neighbour", sender)
         if not 0 <= step < self.steps_per_round or round_ < 0:
-            if sender not in self.neighbors and sender not in self._expected:
-                raise RemoteProtocolError(Reject.UNKNOWN_PEER, "not a neighbour", sender)
             raise RemoteProtocolError(Reject.BAD_HEADER, f"step ({round_}, {step}) out of range", sender)
         idx = self.index(round_, step)
-        if sender not in self.neighbors and not (sender in self._expected and self._expected[sender] <= idx
-                                                 and idx > self._current):
-            raise RemoteProtocolError(Reject.UNKNOWN_PEER, "not a neighbour", sender)
+        if sender not in self.neighbors and not (self._expected[sender] <= idx and idx > self._current):
+            raise RemoteProtocolError(Reject.UNKNOWN_PEER, "not a neighbour before its link starts", sender)
         if idx <= self._last_seen.get(sender, -1):
             raise RemoteProtocolError(Reject.REPLAYED, f"({round_}, {step}) already covered", sender)
         if idx < self._current:

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset as TorchDataset
 from p2pfl.errors import ConfigError
 from p2pfl.learn.models import make_model
 from p2pfl.learn.objectives import LossFn, is_import_string, resolve
-from p2pfl.learn.train import Data
+from p2pfl.learn.train import Data, peer_seed
 
 ACCEPTED = ("an (x, y) pair of torch tensors or NumPy arrays, a torch Dataset of (x, y) items, "
             "or a DataLoader yielding (x, y) batches")
@@ -141,7 +141,7 @@ def load_user_data(spec: str, shard: int, num_shards: int, seed: int, *, batch_s
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise ConfigError(f"dataset: {spec} returned {type(result).__name__}; expected (train, test), each {ACCEPTED} "
                           "(test may be None)")
-    generator = torch.Generator().manual_seed(seed * 100_003 + shard)
+    generator = torch.Generator().manual_seed(peer_seed(seed, shard))
     train = as_data(result[0], f"dataset: {spec}: train", batch_size=batch_size, generator=generator)
     test = None if result[1] is None else as_data(result[1], f"dataset: {spec}: test", batch_size=batch_size,
                                                   shuffle=False)

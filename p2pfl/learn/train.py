@@ -109,6 +109,12 @@ class TrainStats:
     steps: int
 
 
+def peer_seed(seed: int, peer: int) -> int:
+    """Peer `peer`'s own seed in a run seeded `seed` (its batch order, its loader's shuffling): the
+    same in every driver (simulator, peer processes, benchmarks), so they replay one another."""
+    return seed * 100_003 + peer
+
+
 class LocalTrainer:
     """SGD (rho=0) or SAM (rho>0) over a peer's local tensors, or over the batches of a DataLoader
     (`x` the loader, `y` None): the loader then decides batch size and order, so a resumed run does

@@ -47,6 +47,7 @@ from p2pfl.learn.custom import Data, build_model, load_user_data
 from p2pfl.learn.datasets import load_dataset
 from p2pfl.learn.models import ParamLayout
 from p2pfl.learn.objectives import is_import_string
+from p2pfl.learn.train import peer_seed
 from p2pfl.peers import checkpoint, preflight
 from p2pfl.peers import settings as peer_settings
 from p2pfl.peers.exchange import DialPolicy
@@ -153,7 +154,7 @@ class Node(Membership):
         config = PeerConfig(train=s.train_config(), algorithm=s.algorithm_or_default, algorithm_params=s.algorithm_params,
                             gossip_steps=s.gossip_steps, aggregator=s.aggregator,
                             aggregator_params=s.aggregator_params, f=s.f,
-                            step_timeout_s=s.step_timeout, eval_every=s.eval_every, seed=s.seed * 100_003 + i,
+                            step_timeout_s=s.step_timeout, eval_every=s.eval_every, seed=peer_seed(s.seed, i),
                             check_degree=False, reputation=s.reputation_settings())
         self.byzantine = s.attack != "none"
         self.peer: Peer = make_peer(model, train, transport=self.transport, neighbors={}, config=config,

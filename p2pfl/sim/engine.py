@@ -42,7 +42,7 @@ from p2pfl.learn import backbone
 from p2pfl.learn.custom import UserData, build_model, check_fit, load_user_data
 from p2pfl.learn.datasets import Dataset, load_dataset
 from p2pfl.learn.objectives import is_import_string, loss_function
-from p2pfl.learn.train import Data, LocalTrainer, evaluate, unpack
+from p2pfl.learn.train import Data, LocalTrainer, evaluate, peer_seed, unpack
 from p2pfl.peers.memory import MemoryNetwork
 from p2pfl.peers.peer import Peer, PeerConfig
 from p2pfl.peers.preflight import make_out_dir
@@ -125,12 +125,20 @@ class Setup:
 def centralized_reference(setup: Setup) -> list[float]:
     """The same model and trainer on the union of the peers' data; the test metric after each round
     (none when the peers' data are DataLoaders, or there is no test data)."""
+    union = setup.union()
+    return [] if union is None else train_alone(setup, union, setup.scenario.seed)
+
+
+def train_alone(setup: Setup, data: Data, seed: int) -> list[float]:
+    """The run's initial model and trainer on `data` alone, for the scenario's rounds, its batches
+    drawn with `seed` (peer i's: `peer_seed(s.seed, i)`); the test metric after each round (none
+    without test data)."""
     s = setup.scenario
-    union, test = setup.union(), setup.test_data()
-    if union is None or test is None:
+    test = setup.test_data()
+    if test is None:
         return []
     model = copy.deepcopy(setup.init)
-    trainer = LocalTrainer(model, *unpack(union), s.train_config(), torch.Generator().manual_seed(s.seed))
+    trainer = LocalTrainer(model, *unpack(data), s.train_config(), torch.Generator().manual_seed(seed))
     curve = []
     for t in range(s.rounds):
         trainer.train_round(t)
@@ -236,7 +244,7 @@ def run(scenario: Scenario, out_dir: str | Path, progress: Progress | None = Non
         weights = {setup.identities[j].peer_id: float(setup.W[i, j]) for j in nbrs[i]}
         peers.append(cast.peer(i, copy.deepcopy(setup.init), setup.train_data(i),
                                transport=network.endpoint(ident), neighbors=weights,
-                               config=config.replace(seed=s.seed * 100_003 + i),
+                               config=config.replace(seed=peer_seed(s.seed, i)),
                                test_data=test if i in honest else None, offload=False,
                                settle=trio.testing.wait_all_tasks_blocked, reference_data=setup.reference))
     watcher = _RoundWatcher(peers, log, progress, honest)

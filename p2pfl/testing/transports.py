@@ -18,7 +18,7 @@ quiescence wait is.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Final
 
@@ -156,6 +156,19 @@ async def raw_model_stream(src: Libp2pTransport, dst: Libp2pTransport) -> Any:
 
     peer_id = type(src.host.get_id()).from_base58(dst.local_id)   # libp2p's ID, without importing libp2p here
     return await src.host.new_stream(peer_id, [MODEL_PROTOCOL])
+
+
+async def train_all(stack: AsyncExitStack, peers: list[Peer], rounds: int, on_event: Callable[[Any], None],
+                    limit_s: float = LIMIT_S) -> None:
+    """Open each peer inside `stack` (which closes them), sending its round events to `on_event`,
+    then train them all concurrently for `rounds` rounds, within `limit_s` (real clock)."""
+    for p in peers:
+        p.on_event = on_event
+        await stack.enter_async_context(p)
+    with trio.fail_after(limit_s):
+        async with trio.open_nursery() as nursery:
+            for p in peers:
+                nursery.start_soon(p.train, rounds)
 
 
 # trio.testing imports pytest when it is installed (trio 0.35, for RaisesGroup): import it only

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import p2pfl
 from p2pfl import ConfigError, Identity, MemoryNetwork, Peer, PeerConfig, TrainConfig
+from p2pfl.testing.transports import started, train_all
 from p2pfl.transports import Libp2pTransport, libp2p_transport
 
 LIMIT_S = 60
@@ -47,8 +48,7 @@ def test_two_embedded_peers_train_over_libp2p_after_connect():
         assert all(isinstance(t, Libp2pTransport) for t in transports) and p2pfl.Libp2pTransport is Libp2pTransport
         events = []
         async with AsyncExitStack() as stack:
-            for t in transports:
-                await stack.enter_async_context(t)
+            await started(stack, *transports)
             peers = [Peer(m, DataLoader(TensorDataset(*_data(i)), batch_size=16, shuffle=True,
                                         generator=torch.Generator().manual_seed(i)),
                           transport=t, neighbors={}, config=config, test_data=_data(9))
@@ -57,13 +57,7 @@ def test_two_embedded_peers_train_over_libp2p_after_connect():
                 got = [await peers[0].connect(transports[1].listen_addrs()[0]),
                        await peers[1].connect(transports[0].listen_addrs()[0])]
             assert got == [ids[1].peer_id, ids[0].peer_id]
-            for p in peers:
-                p.on_event = events.append
-                await stack.enter_async_context(p)
-            with trio.fail_after(LIMIT_S):
-                async with trio.open_nursery() as nursery:
-                    for p in peers:
-                        nursery.start_soon(p.train, rounds)
+            await train_all(stack, peers, rounds, events.append, LIMIT_S)
         return peers, events
 
     peers, events = trio.run(main)

@@ -16,7 +16,7 @@ from p2pfl.learn.models import flatten, make_model
 from p2pfl.learn.train import TrainConfig
 from p2pfl.peers.libp2p import HelloRefused
 from p2pfl.peers.peer import Peer, PeerConfig
-from p2pfl.testing.transports import LIMIT_S, SETTINGS, started
+from p2pfl.testing.transports import LIMIT_S, SETTINGS, started, train_all
 from p2pfl.testing.transports import MODEL_SCHEMA as SCHEMA
 from p2pfl.testing.transports import frame_bytes as _frame_bytes
 from p2pfl.testing.transports import identity as ident
@@ -48,13 +48,7 @@ def test_three_peers_over_libp2p_converge(q):
                 peers.append(Peer(make_model("mlp", (6,), 2, hidden=(8,), seed=0), (x, y), transport=t,
                                   neighbors=nbrs, config=config, test_data=(x, y), offload=True))
             events = []
-            for p in peers:
-                p.on_event = events.append
-                await stack.enter_async_context(p)
-            with trio.fail_after(LIMIT_S):
-                async with trio.open_nursery() as nursery:
-                    for p in peers:
-                        nursery.start_soon(p.train, rounds)
+            await train_all(stack, peers, rounds, events.append)
             return peers, events, ts
 
     peers, events, ts = trio.run(main)
